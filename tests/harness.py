@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
+import time
 import socket
 import traceback
 from typing import Any, Callable
@@ -35,7 +37,8 @@ def _worker(rank: int, world: int, port: int, tp: int, pp: int, megatron: bool,
             dist.init_process_group("gloo", rank=rank, world_size=world,
                                     timeout=datetime.timedelta(minutes=2))
         result = fn(*args)
-        queue.put((rank, "ok", result))
+        # Pickle here, so an unpicklable result is reported instead of dying in the feeder thread.
+        queue.put((rank, "ok", pickle.dumps(result)))
         if megatron:
             from atesd_mc import distributed
 
@@ -61,12 +64,22 @@ def run_distributed(fn: Callable, world: int = 2, *, tp: int = 1, pp: int = 1, m
     for p in procs:
         p.start()
     results: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout
     try:
-        for _ in range(world):
-            rank, status, value = queue.get(timeout=timeout)
+        while len(results) < world:
+            try:
+                rank, status, value = queue.get(timeout=1.0)
+            except Exception:  # queue.Empty: check for ranks that died without reporting
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in results]
+                if dead:
+                    raise RuntimeError(f"rank {dead[0]} died with exit code {procs[dead[0]].exitcode}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"ranks {sorted(set(range(world)) - set(results))} did not "
+                                       f"finish within {timeout} s")
+                continue
             if status == "err":
                 raise RuntimeError(f"rank {rank} failed:\n{value}")
-            results[rank] = value
+            results[rank] = pickle.loads(value)
     finally:
         for p in procs:
             p.join(timeout=10)
