@@ -259,6 +259,10 @@ class ControllerConfig:
     """Weight of the z-scored teacher-grounded term."""
     reward_signal: str = "probe_nll"
     """probe_nll (alpha-independent) | distill_loss: the loss whose decrease is progress."""
+    reward_variant: str = "full"
+    """full (G_lp + lambda_gt z(G_gt)) | lp_only | one_step (the paper's ablations)."""
+    reward_gt_norm: str = "batch"
+    """Where G_gt is z-scored: batch (over the B decisions of an update) | running."""
     controller_lr: float = 1e-3
     """Adam learning rate of the policy."""
     entropy_coef: float = 0.1
@@ -281,6 +285,11 @@ class ControllerConfig:
         _require(0 < self.reward_gamma <= 1, "reward_gamma", self.reward_gamma, "must be in (0, 1]")
         _require(self.reward_lambda_gt >= 0, "reward_lambda_gt", self.reward_lambda_gt, "must be >= 0")
         _choice("reward_signal", self.reward_signal, ("probe_nll", "distill_loss"))
+        _choice("reward_variant", self.reward_variant, ("full", "lp_only", "one_step"))
+        _choice("reward_gt_norm", self.reward_gt_norm, ("batch", "running"))
+        m, c = self.controller_init_mean, self.controller_init_concentration
+        _require(m * c > 1 and (1 - m) * c > 1, "controller_init_concentration", c,
+                 f"with controller_init_mean={m} the initial Beta needs a, b > 1")
         _require(self.controller_lr > 0, "controller_lr", self.controller_lr, "must be > 0")
         _require(0 < self.state_ema_decay < 1, "state_ema_decay", self.state_ema_decay, "must be in (0, 1)")
         _choice("mismatch_metric", self.mismatch_metric, ("kl", "top1"))

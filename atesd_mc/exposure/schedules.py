@@ -1,0 +1,110 @@
+"""Exposure schedules: the fixed and uniform-random baselines, the factory, the shared interface.
+
+Every schedule has the same step-level API, so the trainer treats them alike:
+  alpha_for_step(step) -> float         alpha for student update `step` (call before it)
+  observe(step, *, loss, mismatch, probe_nll, confidence, teacher_score) -> dict (after it)
+  state_dict() / load_state_dict(sd)    plain numbers/strings/lists/dicts/tensors only, so
+                                        torch.load(weights_only=True) can read them back
+Only rank 0 runs a schedule; the trainer broadcasts alpha.
+"""
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+
+class ExposureSchedule(Protocol):
+    kind: str
+
+    def alpha_for_step(self, step: int) -> float: ...
+
+    def observe(self, step: int, **signals: Any) -> dict: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, sd: dict) -> None: ...
+
+
+def window_due(step: int, decided_step: int | None, hold_steps: int) -> bool:
+    """A new decision is due when none was made yet or `step` is in another hold window
+    (windows are [k*H, (k+1)*H); a resume mid-window keeps the held decision)."""
+    return decided_step is None or step // hold_steps != decided_step // hold_steps
+
+
+def check_kind(sd: dict, kind: str) -> None:
+    if sd.get("kind") != kind:
+        raise ValueError(f"exposure state is for {sd.get('kind')!r}, this schedule is {kind!r}")
+
+
+class FixedExposure:
+    """Constant alpha (alpha = 1 is OPSD)."""
+
+    kind = "fixed"
+
+    def __init__(self, alpha: float) -> None:
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"fixed alpha must be in [0, 1], got {alpha!r}")
+        self.alpha = float(alpha)
+
+    def alpha_for_step(self, step: int) -> float:
+        return self.alpha
+
+    def observe(self, step: int, **signals: Any) -> dict:
+        return {"alpha": self.alpha}
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind, "alpha": self.alpha}
+
+    def load_state_dict(self, sd: dict) -> None:
+        check_kind(sd, self.kind)
+        self.alpha = float(sd["alpha"])
+
+
+class RandomExposure:
+    """alpha ~ U(alpha_min, alpha_max), redrawn at the start of every hold window."""
+
+    kind = "random"
+
+    def __init__(self, hold_steps: int, alpha_min: float, alpha_max: float, seed: int) -> None:
+        if hold_steps < 1 or not 0.0 <= alpha_min <= alpha_max <= 1.0:
+            raise ValueError(f"need hold_steps >= 1 and 0 <= alpha_min <= alpha_max <= 1, got "
+                             f"{hold_steps}, {alpha_min}, {alpha_max}")
+        self.hold_steps, self.alpha_min, self.alpha_max = hold_steps, alpha_min, alpha_max
+        self.generator = torch.Generator("cpu").manual_seed(seed)
+        self.alpha: float | None = None
+        self.decided_step: int | None = None
+
+    def alpha_for_step(self, step: int) -> float:
+        if window_due(step, self.decided_step, self.hold_steps):
+            u = torch.rand((), generator=self.generator, dtype=torch.float64, device="cpu").item()
+            self.alpha = self.alpha_min + (self.alpha_max - self.alpha_min) * u
+            self.decided_step = step
+        return self.alpha
+
+    def observe(self, step: int, **signals: Any) -> dict:
+        return {"alpha": self.alpha}
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind, "alpha": self.alpha, "decided_step": self.decided_step,
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        check_kind(sd, self.kind)
+        self.alpha, self.decided_step = sd["alpha"], sd["decided_step"]
+        self.generator.set_state(sd["generator"])
+
+
+def make_exposure(exposure_cfg, controller_cfg, total_steps: int, seed: int) -> ExposureSchedule:
+    """Build the schedule named by exposure_cfg.atesd_exposure (adaptive | fixed | random)."""
+    kind = exposure_cfg.atesd_exposure
+    if kind == "fixed":
+        return FixedExposure(exposure_cfg.reveal_ratio)
+    if kind == "random":
+        return RandomExposure(controller_cfg.hold_steps, exposure_cfg.alpha_min,
+                              exposure_cfg.alpha_max, seed)
+    if kind == "adaptive":
+        from .controller import AdaptiveController
+
+        return AdaptiveController(controller_cfg, exposure_cfg, total_steps, seed)
+    raise ValueError(f"atesd_exposure must be adaptive, fixed or random, got {kind!r}")
