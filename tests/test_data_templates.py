@@ -1,0 +1,71 @@
+"""Student/teacher prompts (SPEC §1) and the teacher token pieces used for packing."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_data_fixtures import bpe_tokenizer, gsm8k_rows
+
+from atesd_mc.data.segment import Segmentation, segment_solution
+from atesd_mc.data.templates import (render_student_prompt, render_teacher_prompt,
+                                     student_tokens, student_user_text, teacher_pieces,
+                                     teacher_prompt_tokens, teacher_user_text)
+
+SEG = Segmentation(("Step one.", "Step two."), "paragraph", "42")
+
+
+def test_student_prompt_exact():
+    assert student_user_text("What is 6*7?") == (
+        "Problem: What is 6*7?\n\nPlease reason step by step, and put your final answer "
+        "within \\boxed{}.")
+    tok = bpe_tokenizer()
+    text = render_student_prompt(tok, "What is 6*7?", enable_thinking=False)
+    assert text == ("<|im_start|>user\n" + student_user_text("What is 6*7?") +
+                    "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert list(student_tokens(tok, "What is 6*7?", False)) == tok.encode(text)
+
+
+def test_teacher_text_exact_for_each_reveal_level():
+    tail = ("After understanding the reference solution and the rationale behind each step, now "
+            "articulate your own step-by-step reasoning that derives the same final answer to the "
+            "problem below:\nPlease reason step by step, and put your final answer within "
+            "\\boxed{}.")
+    head = "What is 6*7?\n\nHere is a reference solution to this problem:\n"
+    assert teacher_user_text("What is 6*7?", SEG, 0) == head + "Final answer: \\boxed{42}\n" + tail
+    assert teacher_user_text("What is 6*7?", SEG, 1) == (
+        head + "Step one.\n\nFinal answer: \\boxed{42}\n" + tail)
+    assert teacher_user_text("What is 6*7?", SEG, 2) == (
+        head + "Step one.\n\nStep two.\n\nFinal answer: \\boxed{42}\n" + tail)
+
+
+def test_pieces_equal_whole_prompt_tokenisation_at_every_level():
+    """With a Qwen-style pre-tokeniser, prefix+reference[:end_k]+answer+transition equals
+    encode(rendered teacher prompt) for every k: the pieces are a faithful tokenisation."""
+    tok = bpe_tokenizer()
+    for row in gsm8k_rows(150):
+        seg = segment_solution(row["answer"], answer_format="gsm8k", strip_calculator=True)
+        for thinking in (True, False):
+            pieces = teacher_pieces(tok, row["question"], seg, thinking)
+            assert pieces.num_segments == len(seg.segments)
+            assert pieces.segment_ends[-1] == len(pieces.reference)
+            assert np.all(np.diff(pieces.segment_ends) > 0)
+            for k in range(len(seg.segments) + 1):
+                want = tok.encode(render_teacher_prompt(tok, row["question"], seg, k, thinking))
+                assert list(teacher_prompt_tokens(pieces, k)) == want
+
+
+def test_piece_contents_and_token_unit():
+    tok = bpe_tokenizer()
+    p = teacher_pieces(tok, "What is 6*7?", SEG, enable_thinking=False)
+    assert tok.decode(p.prefix).endswith("Here is a reference solution to this problem:\n")
+    assert tok.decode(p.prefix).startswith("<|im_start|>user\nWhat is 6*7?")
+    assert tok.decode(p.reference[:p.segment_ends[0]]) == "Step one.\n\n"
+    assert tok.decode(p.answer) == "Final answer: \\boxed{42}\n"
+    assert tok.decode(p.transition).startswith("After understanding")
+    assert tok.decode(p.transition).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert p.tokens(n_tokens=3).tolist() == (
+        p.prefix.tolist() + p.reference[:3].tolist() + p.answer.tolist() + p.transition.tolist())
+    assert p.tokens(2).dtype == np.int32 and len(p.tokens(2)) == p.max_length()
+    with pytest.raises(ValueError):
+        p.tokens(3)
+    with pytest.raises(ValueError):
+        p.tokens(1, n_tokens=2)
