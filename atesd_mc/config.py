@@ -135,6 +135,10 @@ class DataConfig:
     """Problem store directory (tools/preprocess_data.py); empty = the embedded synthetic task."""
     tokenizer: str = ""
     """Tokenizer directory or sentencepiece model; empty = the synthetic task's own tokenizer."""
+    eval_data_path: str = ""
+    """Held-out problem store for in-training accuracy (the synthetic task has its own split)."""
+    synthetic_vocab_size: int = 384
+    """Synthetic task: sentencepiece vocabulary size."""
     synthetic_train_size: int = 20000
     """Synthetic task: training problems."""
     synthetic_eval_size: int = 200
@@ -325,6 +329,10 @@ class TrainConfig:
     """Learning rate of the warm start."""
     eval_interval: int = 0
     """Evaluate held-out accuracy every N steps (0 = only before and after)."""
+    warm_start_teacher_fraction: float = 0.5
+    """Warm start: share of teacher-format examples (random number of revealed segments)."""
+    eval_max_new_tokens: int = 0
+    """Held-out evaluation rollout cap; 0 = generation.max_new_tokens."""
 
     def __post_init__(self) -> None:
         _choice("atesd_algorithm", self.atesd_algorithm, ("atesd", "opsd", "sft", "grpo", "lm"))
@@ -337,6 +345,10 @@ class TrainConfig:
         for name in ("lr_warmup_iters", "warm_start_iters", "eval_interval"):
             _require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
         _require(self.clip_grad >= 0, "clip_grad", self.clip_grad, "must be >= 0")
+        _require(0 <= self.warm_start_teacher_fraction <= 1, "warm_start_teacher_fraction",
+                 self.warm_start_teacher_fraction, "must be in [0, 1]")
+        _require(self.eval_max_new_tokens >= 0, "eval_max_new_tokens", self.eval_max_new_tokens,
+                 "must be >= 0")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -443,6 +455,23 @@ def _field_index() -> dict[str, tuple[str, dataclasses.Field]]:
             assert f.name not in index, f"duplicate config field {f.name}"
             index[f.name] = (section, f)
     return index
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings (the string literal under each field) of a config dataclass."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant)
+                and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
 
 
 def _resolved_type(cls: type, f: dataclasses.Field):
@@ -552,9 +581,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", default=None, help="run name (default: the config file's stem)")
     for section, cls in SECTIONS.items():
         group = parser.add_argument_group(section)
+        docs = field_docs(cls)
         for f in dataclasses.fields(cls):
             flag = "--" + f.name.replace("_", "-")
-            help_text = (f.metadata.get("help") or "") if f.metadata else ""
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            help_text = f"{docs.get(f.name, '')} (default: {default})".replace("%", "%%")
             tp = _resolved_type(cls, f)
             if tp is bool:
                 group.add_argument(flag, dest=f.name, nargs="?", const="true", default=None,

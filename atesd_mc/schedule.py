@@ -1,0 +1,50 @@
+"""Forward/backward over micro-batches through megatron-core's pipeline schedules.
+
+One code path for PP=1 and PP>1: the schedule handles p2p, and the callables below compute hidden
+states on the last stage, select the positions that predict response tokens, and hand them to a
+loss function. Shapes vary step to step (config.variable_seq_lengths)."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from atesd_mc.batching import SideBatch
+from atesd_mc.model.qwen3 import forward_hidden, unwrap
+
+
+def selected_hidden(model, hidden: torch.Tensor, side: SideBatch) -> torch.Tensor:
+    """Rows of hidden [s(/tp), b, h] that predict response tokens -> [R, h] (full sequence)."""
+    from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+    if unwrap(model).config.sequence_parallel:
+        hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, side.predict_index)
+
+
+def run(model, sides: list[SideBatch], loss_fn: Callable, *, forward_only: bool) -> list[dict]:
+    """Run every micro-batch; loss_fn(selected_hidden [R, h], micro_index) -> (loss, info dict).
+
+    Returns the info dicts (last pipeline stage; empty elsewhere). Loss values are scaled by the
+    number of micro-batches here because the schedule divides by it."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    n = len(sides)
+    order = iter(range(n))
+
+    def step(_, m):
+        i = next(order)
+        side = sides[i]
+        hidden = forward_hidden(m, side.tokens)
+
+        def finish(out):
+            loss, info = loss_fn(selected_hidden(m, out, side), i)
+            return loss * n, info
+
+        return hidden, finish
+
+    seq = max(int(s.tokens.shape[1]) for s in sides)
+    mbs = max(int(s.tokens.shape[0]) for s in sides)
+    return list(get_forward_backward_func()(
+        forward_step_func=step, data_iterator=iter(range(n)), model=[model], num_microbatches=n,
+        seq_length=seq, micro_batch_size=mbs, forward_only=forward_only) or [])

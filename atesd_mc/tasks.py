@@ -1,0 +1,99 @@
+"""Problem sets for a run: the embedded synthetic task or a preprocessed store.
+
+Both go through the same zarr store format (atesd_mc.data.store): the synthetic task's splits are
+written once into the cache directory (rank 0, then a barrier) together with its sentencepiece
+tokenizer, keyed by a hash of everything that determines them."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Sequence
+
+import torch.distributed as dist
+
+from atesd_mc.config import RunConfig
+from atesd_mc.data.sampler import choose_probe_indices
+from atesd_mc.data.store import ProblemStore, write_store
+from atesd_mc.data.tokenizer import SentencePieceTokenizer, Tokenizer, load_tokenizer, train_sentencepiece
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class Problems:
+    tokenizer: Tokenizer
+    train: ProblemStore
+    train_exclude: list[int]
+    """Indices of `train` kept out of the batch stream (the probe set)."""
+    probe: list
+    """Examples for the probe NLL."""
+    eval: Sequence
+    """Held-out examples for accuracy (may be empty)."""
+
+
+def synthetic_task_config(cfg: RunConfig):
+    from atesd_mc.data.synthetic import SyntheticTaskConfig
+
+    d = cfg.data
+    return SyntheticTaskConfig(seed=cfg.train.seed, train_size=d.synthetic_train_size,
+                               probe_size=d.probe_size, eval_size=d.synthetic_eval_size,
+                               min_steps=d.synthetic_min_steps, max_steps=d.synthetic_max_steps)
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _synthetic_dir(cfg: RunConfig, task_cfg) -> str:
+    from atesd_mc.data import store as store_mod
+
+    key = json.dumps({"task": dataclasses.asdict(task_cfg), "vocab": cfg.data.synthetic_vocab_size,
+                      "schema": store_mod.SCHEMA_VERSION}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return os.path.join(cfg.data.cache_dir, f"synthetic-{digest}")
+
+
+def build_synthetic(cfg: RunConfig) -> str:
+    """Create (once) the tokenizer and the train/probe/eval stores of the synthetic task."""
+    from atesd_mc.data.synthetic import corpus, make_splits
+
+    task_cfg = synthetic_task_config(cfg)
+    root = _synthetic_dir(cfg, task_cfg)
+    done = os.path.join(root, "COMPLETE")
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        if not os.path.exists(done):
+            os.makedirs(root, exist_ok=True)
+            model_path = os.path.join(root, "tokenizer.model")
+            train_sentencepiece(corpus(task_cfg), cfg.data.synthetic_vocab_size, model_path)
+            tok = SentencePieceTokenizer(model_path)
+            splits = make_splits(task_cfg)
+            for name in ("train", "probe", "eval"):
+                write_store(os.path.join(root, name), splits[name], tok, overwrite=True,
+                            source={"synthetic": dataclasses.asdict(task_cfg)}, enable_thinking=False)
+            with open(done, "w") as f:
+                f.write("ok\n")
+    _barrier()
+    return root
+
+
+def load_problems(cfg: RunConfig) -> Problems:
+    d = cfg.data
+    if not d.data_path:
+        root = build_synthetic(cfg)
+        tok = SentencePieceTokenizer(os.path.join(root, "tokenizer.model"))
+        train = ProblemStore(os.path.join(root, "train"), tok)
+        probe = ProblemStore(os.path.join(root, "probe"), tok)
+        held = ProblemStore(os.path.join(root, "eval"), tok)
+        return Problems(tokenizer=tok, train=train, train_exclude=[],
+                        probe=[probe[i] for i in range(len(probe))],
+                        eval=[held[i] for i in range(len(held))])
+    if not d.tokenizer:
+        raise ValueError(f"data_path={d.data_path!r} needs --tokenizer (the one the store was made with)")
+    tok = load_tokenizer(d.tokenizer)
+    train = ProblemStore(d.data_path, tok)
+    exclude = choose_probe_indices(len(train), min(d.probe_size, len(train) // 2), cfg.train.seed)
+    held = ProblemStore(d.eval_data_path, tok) if d.eval_data_path else []
+    n_eval = min(len(held), d.synthetic_eval_size) if d.eval_data_path else 0
+    return Problems(tokenizer=tok, train=train, train_exclude=exclude,
+                    probe=[train[i] for i in exclude], eval=[held[i] for i in range(n_eval)])

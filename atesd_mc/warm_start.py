@@ -1,0 +1,153 @@
+"""Warm start: SFT on a mix of student-format and teacher-format examples, cached on disk.
+
+Self-distillation from a random model means nothing: the student must already solve some
+problems and the teacher must already use a reference. The warm start trains a separate model
+stage (so the run's DDP hooks are built once, on the final parameter set, LoRA included), saves it
+with megatron dist_checkpointing (it reshards, so one cache serves every TP/PP layout) into the
+cache directory under a hash of everything that determines it, and loads it into the run's model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+
+import torch
+import torch.distributed as dist
+
+from atesd_mc import distributed, schedule
+from atesd_mc.batching import build_side, per_sequence_weights
+from atesd_mc.losses import sft_loss
+from atesd_mc.model.qwen3 import build_stage, local_vocab_range, output_weight, tp_input
+from atesd_mc.optim import build_optimizer, build_scheduler, optimizer_step, wrap_ddp, zero_grads
+
+
+def cache_path(trainer) -> str:
+    cfg = trainer.cfg
+    model = {k: v for k, v in dataclasses.asdict(cfg.model).items()
+             if k not in ("lora_rank", "lora_alpha", "lora_targets", "teacher_mode", "teacher_ema_decay")}
+    key = json.dumps({"model": model, "vocab": trainer.vocab, "tokenizer": trainer.tok.identity(),
+                      "data": [cfg.data.data_path, len(trainer.problems.train)],
+                      "synthetic": [cfg.data.synthetic_train_size, cfg.data.synthetic_min_steps,
+                                    cfg.data.synthetic_max_steps, cfg.data.probe_size],
+                      "iters": cfg.train.warm_start_iters, "lr": cfg.train.warm_start_lr,
+                      "mix": cfg.train.warm_start_teacher_fraction, "gbs": cfg.train.global_batch_size,
+                      "seed": cfg.train.seed}, sort_keys=True)
+    return os.path.join(cfg.data.cache_dir, "warm_start-" + hashlib.sha256(key.encode()).hexdigest()[:12])
+
+
+def _stream(trainer, seed: int):
+    """Endless (Example, revealed segments or None) pairs for this data-parallel rank."""
+    cfg, train = trainer.cfg, trainer.problems.train
+    rng = random.Random(f"{seed}-warm-{trainer.info.dp_rank}")
+    if not cfg.data.data_path:
+        from atesd_mc.data.synthetic import warm_start_examples
+        from atesd_mc.tasks import synthetic_task_config
+
+        task = dataclasses.replace(synthetic_task_config(cfg),
+                                   warm_teacher_fraction=cfg.train.warm_start_teacher_fraction)
+        by_problem = {train[i].problem: i for i in range(len(train))}
+        for kind, row, k in warm_start_examples(task, rng):
+            yield train[by_problem[row["problem"]]], (k if kind == "teacher" else None)
+    exclude = set(trainer.problems.train_exclude)
+    pool = [i for i in range(len(train)) if i not in exclude]
+    while True:
+        ex = train[rng.choice(pool)]
+        if rng.random() < cfg.train.warm_start_teacher_fraction:
+            yield ex, rng.randint(0, ex.teacher.num_segments)
+        else:
+            yield ex, None
+
+
+def _train(trainer, path: str) -> dict:
+    cfg, p = trainer.cfg, trainer.cfg.parallel
+    distributed.model_parallel_seed(cfg.train.seed)
+    model = build_stage(cfg.model, p, trainer.vocab)
+    ddp = wrap_ddp(model, p)
+    iters = cfg.train.warm_start_iters
+    opt = build_optimizer(ddp, cfg.train, p, lr=cfg.train.warm_start_lr)
+    sched = build_scheduler(opt, cfg.train, lr=cfg.train.warm_start_lr, iters=iters)
+    per_rank = cfg.train.global_batch_size // trainer.dp
+    stream = _stream(trainer, cfg.train.seed)
+    _, _, valid = local_vocab_range(model, trainer.info.tp_rank, trainer.info.tp)
+    start, losses = time.perf_counter(), []
+    for it in range(iters):
+        batch = [next(stream) for _ in range(per_rank)]
+        sides, ids, weights = [], [], []
+        for mb in trainer._micro(batch):
+            prompts = [(ex.student if k is None else ex.teacher.tokens(k)).tolist() for ex, k in mb]
+            resp = [trainer.response(ex) for ex, _ in mb]
+            side, rid = build_side(prompts, resp, trainer.device)
+            sides.append(side)
+            ids.append(rid)
+            weights.append(per_sequence_weights(torch.tensor([len(r) for r in resp]), per_rank))
+        zero_grads(ddp, opt)
+        w = output_weight(model)
+        infos = schedule.run(ddp, sides, lambda h, i: _sft(h, w, valid, ids[i], weights[i]),
+                             forward_only=False)
+        optimizer_step(opt, sched)
+        loss = trainer._all_sum([sum(float(i["loss"]) for i in infos)])[0] / trainer.dp
+        losses.append(loss)
+        if (it + 1) % max(1, iters // 10) == 0 or it + 1 == iters:
+            trainer_log(trainer, f"warm start iteration {it + 1}/{iters} | lm loss: {loss:.4f} | "
+                                 f"elapsed: {time.perf_counter() - start:.1f} s")
+    _save(model, path)
+    return {"iters": iters, "seconds": time.perf_counter() - start, "final_loss": losses[-1]}
+
+
+def _sft(h, w, valid, ids, weights):
+    loss = sft_loss(tp_input(h), w, valid, ids, weights.to(h.device, h.dtype))
+    return loss, {"loss": loss.detach().clone()}
+
+
+def trainer_log(trainer, text: str) -> None:
+    if trainer.rank0:
+        print(text, flush=True)
+
+
+def _save(model, path: str) -> None:
+    """dist_checkpointing save into path.tmp, renamed by rank 0 once every rank is done."""
+    from megatron.core import dist_checkpointing
+
+    tmp = path + ".tmp"
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    _barrier()
+    dist_checkpointing.save(model.sharded_state_dict(), tmp)
+    _barrier()
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    _barrier()
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def load_into(model, path: str) -> None:
+    from megatron.core import dist_checkpointing
+
+    state = dist_checkpointing.load(model.sharded_state_dict(), path)
+    model.load_state_dict(state, strict=False)
+
+
+def warm_start(trainer) -> dict:
+    """Train (or reuse) the warm start and load it into trainer.model; returns what happened."""
+    if trainer.cfg.train.warm_start_iters == 0:
+        return {}
+    path = cache_path(trainer)
+    info: dict = {"cache": path, "reused": os.path.isdir(path)}
+    if not info["reused"]:
+        info.update(_train(trainer, path))
+    else:
+        trainer_log(trainer, f"warm start: reusing {path}")
+    load_into(trainer.model, path)
+    distributed.model_parallel_seed(trainer.cfg.train.seed + 1)
+    return info

@@ -1,0 +1,128 @@
+"""Output projection fused with the distillation divergence: never materialises [N, V] logits.
+
+Algorithm (one pass over token chunks; Liger's fused-linear pattern):
+
+    for each chunk of c tokens:
+        zs = h_s[chunk] @ W^T, zt = h_t[chunk] @ W_t^T            # [c, V_local], torch matmul (cuBLAS / CPU BLAS)
+        row primitives (divergence.rows_forward): log-sum-exps (all-reduced across the vocab group),
+            per-token divergence, and d loss_n / d zs written in place over zs
+        grad_hidden[chunk] = dzs @ W ; grad_weight += dzs^T @ h_s[chunk]
+
+so only grad_hidden [N, H], grad_weight [V_local, H], O(N) per-token numbers and one chunk of logits
+exist at a time: extra memory O(c · V_local), independent of N. The backward only multiplies the stored
+gradients by grad_output. For reduction="none" grad_output differs per token and cannot be folded into
+grad_weight after the fact, so the forward stores nothing and the backward reruns the loop (twice the
+matmuls; training uses "mean"/"sum").
+
+Why token chunks over the full local vocabulary and no vocab tiling: the gradient of every logit needs
+the row's global log-sum-exp, so tiling the vocabulary would require a second matmul pass; with c ≥ 16
+rows the chunk is already small (and with tensor parallelism V_local = V / tp).
+
+Vocab parallel (process_group): `weight` is this rank's [V_local, H] shard, hidden states are replicated.
+The loss equals the unsplit one on every rank; grad_weight is this shard's gradient; grad_hidden is this
+shard's *partial* contribution, to be summed over the group - exactly what megatron's
+copy_to_tensor_model_parallel_region (or the sequence-parallel gather) does in its backward, as for its
+own output layer.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._dispatch import acc_dtype
+from .divergence import (TORCH_BLOCK_ELEMS, DivergenceSpec, check_common, reduce_rows, reduction_scale,
+                         rows_forward, token_weights)
+
+# Triton/CUDA chunks: about this many logits per chunk (2^25 fp32 = 128 MiB), rows a power of two.
+CUDA_CHUNK_ELEMS = 1 << 25
+
+
+def default_chunk(n: int, v: int, backend: str) -> int:
+    if backend == "torch":
+        rows = TORCH_BLOCK_ELEMS // max(1, v)
+    else:
+        rows = 1 << max(4, (CUDA_CHUNK_ELEMS // max(1, v)).bit_length() - 1)
+    return max(1, min(n, rows))
+
+
+def _chunked_pass(hs, ht, w_s, w_t, spec, group, backend, chunk, scale, need_h, need_w):
+    """Per-token divergence [N]; with `scale`, also scale-weighted grads for hidden / weight."""
+    n = hs.shape[0]
+    d = torch.empty(n, dtype=acc_dtype(hs.dtype), device=hs.device)
+    gh = torch.empty_like(hs) if scale is not None and need_h else None
+    gw = torch.zeros_like(w_s) if scale is not None and need_w else None
+    for a in range(0, n, chunk):
+        b = min(n, a + chunk)
+        zs = hs[a:b] @ w_s.t()
+        zt = ht[a:b] @ w_t.t()
+        sc = None if scale is None else scale[a:b]
+        d[a:b] = rows_forward(zs, zt, spec, group, backend, scale=sc, out=None if sc is None else zs)[0]
+        if gh is not None:
+            torch.mm(zs, w_s, out=gh[a:b])
+        if gw is not None:
+            gw.addmm_(zs.t(), hs[a:b])
+    return d, gh, gw
+
+
+class _FusedLinearDivergenceFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hs, ht, w_s, w_t, w, spec, reduction, group, backend, chunk):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        wants_grad = need_h or need_w
+        ctx.recompute = wants_grad and reduction == "none"
+        scale = reduction_scale(w, reduction) if wants_grad and not ctx.recompute else None
+        d, ctx.gh, ctx.gw = _chunked_pass(hs, ht, w_s.detach(), w_t, spec, group, backend, chunk, scale,
+                                          need_h, need_w)
+        if ctx.recompute:
+            ctx.save_for_backward(hs, ht, w_s, w_t, w)
+            ctx.args = (spec, group, backend, chunk)
+        return reduce_rows(d, w, reduction)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        if ctx.recompute:
+            hs, ht, w_s, w_t, w = ctx.saved_tensors
+            spec, group, backend, chunk = ctx.args
+            _, gh, gw = _chunked_pass(hs, ht, w_s.detach(), w_t, spec, group, backend, chunk,
+                                      w * grad_out.to(w.dtype), need_h, need_w)
+        else:
+            gh, gw = ctx.gh, ctx.gw
+            ctx.gh = ctx.gw = None
+            if not bool((grad_out == 1).all()):  # the usual loss.backward() skips two big multiplies
+                gh = None if gh is None else gh * grad_out.to(gh.dtype)
+                gw = None if gw is None else gw * grad_out.to(gw.dtype)
+        return gh, None, gw, None, None, None, None, None, None, None
+
+
+def fused_linear_divergence_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, weight: torch.Tensor,
+                                 teacher_weight: torch.Tensor | None = None, *, kind: str = "forward_kl",
+                                 beta: float = 0.5, temperature: float = 1.0, clip: float | None = None,
+                                 mask: torch.Tensor | None = None, weights: torch.Tensor | None = None,
+                                 reduction: str = "mean", process_group=None, chunk_size: int | None = None,
+                                 backend: str = "auto") -> torch.Tensor:
+    """divergence_loss(student_hidden @ weight^T, teacher_hidden @ teacher_weight^T, ...) without the logits.
+
+    student_hidden / teacher_hidden [..., H] (teacher H may differ when teacher_weight is given), weight
+    [V_local, H] (this rank's vocabulary shard under `process_group`); teacher_weight None -> the teacher
+    uses `weight` (detached). Options as in `divergence_loss`. Gradients for student_hidden and weight
+    when they require grad (see the module doc for grad_hidden under a process group); teacher tensors that
+    require grad raise ValueError. chunk_size: tokens per chunk (default: about 2^21 logits per chunk on
+    the torch path, 2^25 on CUDA). backend: "auto" | "triton" | "torch" as in divergence_loss.
+    """
+    backend = check_common(reduction, (("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight)),
+                           backend, student_hidden.device)
+    spec = DivergenceSpec.make(kind, beta, temperature, clip)
+    w_t = weight.detach() if teacher_weight is None else teacher_weight
+    lead = student_hidden.shape[:-1]
+    hs = student_hidden.reshape(-1, student_hidden.shape[-1])
+    ht = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+    if ht.shape[0] != hs.shape[0] or w_t.shape[0] != weight.shape[0]:
+        raise ValueError(f"token or vocab counts differ: hidden {tuple(hs.shape)} / {tuple(ht.shape)}, "
+                         f"weights {tuple(weight.shape)} / {tuple(w_t.shape)}")
+    n = hs.shape[0]
+    chunk = default_chunk(n, weight.shape[0], backend) if chunk_size is None else max(1, int(chunk_size))
+    w = token_weights(n, mask, weights, acc_dtype(hs.dtype), hs.device)
+    out = _FusedLinearDivergenceFunction.apply(hs, ht, weight, w_t, w, spec, reduction, process_group,
+                                               backend, chunk)
+    return out.reshape(lead) if reduction == "none" else out
