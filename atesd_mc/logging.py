@@ -31,10 +31,11 @@ class Timer:
 
 
 def _fmt(value) -> str:
+    """Megatron prints losses and rates in %E; short fields plainly."""
     if isinstance(value, float):
         if math.isnan(value) or math.isinf(value):
             return str(value)
-        return f"{value:.6E}" if abs(value) >= 1e4 or (0 < abs(value) < 1e-3) else f"{value:.4f}"
+        return f"{value:.6E}" if abs(value) >= 1e4 or (0 < abs(value) < 1e-2) else f"{value:.4f}"
     return str(value)
 
 

@@ -119,6 +119,37 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def train_step(self) -> dict:
+        algo = self.cfg.train.atesd_algorithm
+        if algo in ("sft", "lm"):
+            return self.sft_step()
+        if algo == "grpo":
+            from atesd_mc.grpo import grpo_step
+
+            return grpo_step(self)
+        return self.distill_step()
+
+    def sft_step(self) -> dict:
+        """Next-token loss on the reference solution given the student prompt (SFT baseline)."""
+        t = self.timer
+        examples = [self.problems.train[i] for i in self.sampler.next_batch()]
+        w, _, valid = self._weights()
+        sides, ids, weights = [], [], []
+        for mb in self._micro(examples):
+            resp = [self.response(ex) for ex in mb]
+            side, rid = build_side([ex.student.tolist() for ex in mb], resp, self.device)
+            sides.append(side)
+            ids.append(rid)
+            weights.append(per_sequence_weights(torch.tensor([len(r) for r in resp]), len(examples)))
+        t.start("student")
+        zero_grads(self.ddp, self.optimizer)
+        infos = schedule.run(self.ddp, sides, lambda h, i: _weighted_sft(h, w, valid, ids[i], weights[i]),
+                             forward_only=False)
+        t.stop("student")
+        n_tok = float(sum(len(i) for i in ids))
+        g = self._all_sum([sum(float(i["loss"]) for i in infos), n_tok])
+        return self._update_and_record(None, g[0] / self.dp, {"student": g[1]})
+
+    def distill_step(self) -> dict:
         cfg, t = self.cfg, self.timer
         alpha = None
         if self.exposure is not None:
@@ -167,30 +198,35 @@ class Trainer:
         n_student = sum(int((p.student.tokens != 0).sum()) for p in pairs)
         g = self._all_sum([loss_sum, kl, top1, conf, cnt, n_roll, n_teacher, n_student,
                            float(sum(rollouts.finished)), float(len(rollouts.finished))])
-        loss = g[0] / self.dp
+        extra = {"mismatch": g[1] / max(g[4], 1), "top1_disagree": g[2] / max(g[4], 1),
+                 "confidence": g[3] / max(g[4], 1), "rollout_len": g[5] / max(g[9], 1),
+                 "eos_rate": g[8] / max(g[9], 1)}
+        score = self.teacher_score(examples[: min(4, len(examples))], alpha)
+        return self._update_and_record(alpha, g[0] / self.dp,
+                                       {"rollout": g[5], "teacher": g[6], "student": g[7]},
+                                       extra, teacher_score=score)
+
+    def _update_and_record(self, alpha, loss: float, tokens: dict, extra: dict | None = None,
+                           teacher_score: float = float("nan")) -> dict:
+        """Optimizer step (skipped on a non-finite loss), statistics, controller, step record."""
+        t = self.timer
         t.start("optimizer")
-        finite = math.isfinite(loss)
         updated, grad_norm = False, float("nan")
-        if finite:
+        if math.isfinite(loss):
             updated, grad_norm, _ = optimizer_step(self.optimizer, self.scheduler)
             if updated:
                 self.teacher.after_optimizer_step()
         t.stop("optimizer")
         t.start("stats")
         probe_nll = self.probe_nll()
-        score = self.teacher_score(examples[: min(4, len(examples))], alpha)
         t.stop("stats")
-        record = {"step": self.step + 1, "alpha": alpha, "loss": loss,
-                  "mismatch": g[1] / max(g[4], 1), "top1_disagree": g[2] / max(g[4], 1),
-                  "confidence": g[3] / max(g[4], 1), "probe_nll": probe_nll, "teacher_score": score,
-                  "grad_norm": grad_norm, "skipped": not updated,
-                  "lr": self.optimizer.param_groups[0]["lr"],
-                  "rollout_len": g[5] / max(g[9], 1), "eos_rate": g[8] / max(g[9], 1),
-                  "tokens": {"rollout": g[5], "teacher": g[6], "student": g[7]}}
-        if self.exposure is not None:
+        record = {"step": self.step + 1, "alpha": alpha, "loss": loss, **(extra or {}),
+                  "probe_nll": probe_nll, "teacher_score": teacher_score, "grad_norm": grad_norm,
+                  "skipped": not updated, "lr": self.optimizer.param_groups[0]["lr"], "tokens": tokens}
+        if self.exposure is not None and alpha is not None:
             mismatch = record["mismatch"] if self.cfg.controller.mismatch_metric == "kl" else record["top1_disagree"]
             out = self.exposure.observe(self.step, loss=loss, mismatch=mismatch, probe_nll=probe_nll,
-                                        confidence=record["confidence"], teacher_score=score) or {}
+                                        confidence=record["confidence"], teacher_score=teacher_score) or {}
             record.update(_controller_fields(out))
         self.step += 1
         return record
@@ -286,6 +322,11 @@ class Trainer:
         return results
 
 
+def _weighted_sft(h, w, valid, ids, weights):
+    loss = sft_loss(tp_input(h), w, valid, ids, weights.to(h.device, h.dtype))
+    return loss, {"loss": loss.detach().clone()}
+
+
 def _controller_fields(out: dict) -> dict:
     fields = {k: out[k] for k in ("beta_a", "beta_b", "policy_mean") if k in out}
     if out.get("completed"):
@@ -299,14 +340,14 @@ def _controller_fields(out: dict) -> dict:
 
 def _line_fields(record: dict, times: dict, gbs: int) -> dict:
     def rate(stage, key):
-        return record["tokens"][key] / times[stage] if times.get(stage) else None
+        n = record["tokens"].get(key)
+        return n / times[stage] if n and times.get(stage) else None
 
     step_ms = 1000 * sum(times.values())
     return {"consumed samples": record["step"] * gbs, "elapsed time per iteration (ms)": round(step_ms, 1),
             "learning rate": record["lr"], "global batch size": gbs, "lm loss": record["loss"],
-            "alpha": record["alpha"], "mismatch": record["mismatch"], "probe nll": record["probe_nll"],
+            "alpha": record["alpha"], "mismatch": record.get("mismatch"), "probe nll": record["probe_nll"],
             "reward": record.get("reward"), "grad norm": record["grad_norm"],
-            "tokens/s rollout": round(rate("rollout", "rollout") or 0, 1),
-            "tokens/s teacher": round(rate("teacher", "teacher") or 0, 1),
-            "tokens/s student": round(rate("student", "student") or 0, 1),
+            "tokens/s rollout": rate("rollout", "rollout"), "tokens/s teacher": rate("teacher", "teacher"),
+            "tokens/s student": rate("student", "student"),
             "number of skipped iterations": int(record["skipped"])}

@@ -13,13 +13,12 @@ import hashlib
 import json
 import os
 import random
-import shutil
 import time
 
 import torch
-import torch.distributed as dist
 
 from atesd_mc import distributed, schedule
+from atesd_mc.checkpoint import load_sharded, save_sharded
 from atesd_mc.batching import build_side, per_sequence_weights
 from atesd_mc.losses import sft_loss
 from atesd_mc.model.qwen3 import build_stage, local_vocab_range, output_weight, tp_input
@@ -95,7 +94,7 @@ def _train(trainer, path: str) -> dict:
         if (it + 1) % max(1, iters // 10) == 0 or it + 1 == iters:
             trainer_log(trainer, f"warm start iteration {it + 1}/{iters} | lm loss: {loss:.4f} | "
                                  f"elapsed: {time.perf_counter() - start:.1f} s")
-    _save(model, path)
+    save_sharded(model.sharded_state_dict(), path)
     return {"iters": iters, "seconds": time.perf_counter() - start, "final_loss": losses[-1]}
 
 
@@ -109,33 +108,8 @@ def trainer_log(trainer, text: str) -> None:
         print(text, flush=True)
 
 
-def _save(model, path: str) -> None:
-    """dist_checkpointing save into path.tmp, renamed by rank 0 once every rank is done."""
-    from megatron.core import dist_checkpointing
-
-    tmp = path + ".tmp"
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    _barrier()
-    dist_checkpointing.save(model.sharded_state_dict(), tmp)
-    _barrier()
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
-    _barrier()
-
-
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
 def load_into(model, path: str) -> None:
-    from megatron.core import dist_checkpointing
-
-    state = dist_checkpointing.load(model.sharded_state_dict(), path)
-    model.load_state_dict(state, strict=False)
+    model.load_state_dict(load_sharded(model.sharded_state_dict(), path), strict=False)
 
 
 def warm_start(trainer) -> dict:
