@@ -44,9 +44,12 @@ class Trainer:
         self.vocab = cfg.model.vocab_size or self.tok.vocab_size
         self._responses: dict[int, list[int]] = {}
         self.model = build_stage(cfg.model, p, self.vocab)
+        from atesd_mc import run_state
         from atesd_mc.warm_start import warm_start
 
-        self.warm_start_info = warm_start(self)
+        self.resume_from = run_state.resume_path(cfg)
+        # A resumed run takes every weight (theta_0 of the teacher included) from its checkpoint.
+        self.warm_start_info = {} if self.resume_from else warm_start(self)
         if cfg.model.lora_rank:
             add_lora(self.model, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_targets,
                      cfg.train.seed)
@@ -61,10 +64,14 @@ class Trainer:
                                                dp_rank=self.info.dp_rank, dp_size=self.dp,
                                                seed=cfg.train.seed, exclude=self.problems.train_exclude)
         self.step = 0
+        self.resumed_state = run_state.load(self, self.resume_from) if self.resume_from else {}
         self.timer = Timer()
         self.logger = MetricsLogger(cfg.run_dir, self.rank0, cfg.train.train_iters,
                                     tensorboard=cfg.logging.tensorboard,
-                                    progress_bar=cfg.logging.progress_bar)
+                                    progress_bar=cfg.logging.progress_bar,
+                                    resume=bool(self.resumed_state))
+        if self.resumed_state:
+            self.logger.print(f"resumed from {self.resume_from} at iteration {self.step}")
 
     # ------------------------------------------------------------------ helpers
     def _make_exposure(self):
@@ -293,11 +300,16 @@ class Trainer:
     def run(self) -> dict:
         import json
 
+        from atesd_mc import run_state
+
         cfg = self.cfg
         total = cfg.train.train_iters
-        results = {"before": self.evaluate(), "before_sampled": self.evaluate(greedy=False)}
-        self.logger.print(f"held-out accuracy before: {results['before']}")
+        results = self.resumed_state.get("eval_before")
+        if results is None:
+            results = {"before": self.evaluate(), "before_sampled": self.evaluate(greedy=False)}
+            self.logger.print(f"held-out accuracy before: {results['before']}")
         start = time.perf_counter()
+        interval = cfg.checkpoint.save_interval
         while self.step < total:
             record = self.train_step()
             times = self.timer.reset()
@@ -306,8 +318,12 @@ class Trainer:
             if record["step"] % cfg.logging.log_interval == 0 or record["step"] == total:
                 line = _line_fields(record, times, cfg.train.global_batch_size)
             self.logger.step(record, line)
+            if interval and self.step % interval == 0 and self.step < total:
+                run_state.save(self, {"eval_before": results})
             if cfg.train.eval_interval and record["step"] % cfg.train.eval_interval == 0 and record["step"] < total:
                 self.logger.print(f"held-out accuracy at {record['step']}: {self.evaluate()}")
+        if not (self.resumed_state and self.resumed_state["step"] == total):
+            run_state.save(self, {"eval_before": {k: results[k] for k in ("before", "before_sampled")}})
         results["after"] = self.evaluate()
         results["after_sampled"] = self.evaluate(greedy=False)
         results["train_seconds"] = time.perf_counter() - start

@@ -70,13 +70,22 @@ class LoRAAdapter(nn.Module):
 
 
 class LoRAAdapters(nn.Module):
-    """All adapters of one pipeline stage, keyed "<global layer>.<target>"."""
+    """All adapters of one pipeline stage, keyed "<global layer>_<target>"."""
 
     def __init__(self, scale: float):
         super().__init__()
         self.adapters = nn.ModuleDict()
         self.scale = scale
         self.enabled = True
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        """TP-sharded params split along their partition dim; keys carry global layer numbers,
+        so no pipeline offset applies (a checkpoint reshards across TP and PP)."""
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        state = self.state_dict(prefix="", keep_vars=True)
+        axes = {k: p.partition_dim for k, p in state.items() if getattr(p, "tensor_model_parallel", False)}
+        return make_sharded_tensors_for_checkpoint(state, prefix, axes)
 
 
 def _column_delta(x, adapters: dict[str, LoRAAdapter], names: list[str], layout, sp: bool):

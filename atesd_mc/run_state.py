@@ -1,0 +1,113 @@
+"""Save and restore a whole training run (issue: exact resume across kills and layouts).
+
+A checkpoint iter_XXXXXXX/ holds
+* the dist checkpoint (torch_dist): model (LoRA adapters included), optimizer state (distributed
+  optimizer shards too), and the teacher's own weights when they are not derivable (frozen copy, EMA);
+* trainer_state.pt (rank 0): step, LR schedule, sampler position, exposure controller (weights, Adam,
+  open decisions, EMAs, RNG), held-out accuracy before training, the config, the version, the layout;
+* rng_rank<R>.pt: each rank's torch RNG and model-parallel RNG tracker states.
+Everything is read back with weights_only=True. Rollout sampling derives its generators from
+(seed, step, dp rank), so a resumed run samples what the uninterrupted run sampled."""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+import atesd_mc
+from atesd_mc import checkpoint as ckpt
+from atesd_mc.model.qwen3 import unwrap
+
+
+def _sharded(trainer, loading: bool, with_optimizer: bool = True) -> dict:
+    model = unwrap(trainer.model)
+    sd = {"model": model.sharded_state_dict()}
+    if with_optimizer:
+        sd["optimizer"] = trainer.optimizer.sharded_state_dict(sd["model"], is_loading=loading)
+    if trainer.teacher.has_own_weights:
+        sd["teacher"] = trainer.teacher.module.sharded_state_dict(prefix="teacher.")
+    return sd
+
+
+def _rng_state() -> dict:
+    from megatron.core.tensor_parallel import random as mp_random
+
+    return {"torch": torch.get_rng_state(),
+            "tracker": mp_random.get_cuda_rng_tracker().get_states(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.empty(0)}
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core.tensor_parallel import random as mp_random
+
+    torch.set_rng_state(state["torch"])
+    mp_random.get_cuda_rng_tracker().set_states(state["tracker"])
+    if torch.cuda.is_available() and state["cuda"].numel():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(trainer, extra_state: dict | None = None) -> str:
+    """Checkpoint at trainer.step into the run directory; the tracker is updated last."""
+    root = trainer.cfg.run_dir
+    path = ckpt.iter_dir(root, trainer.step)
+    info = trainer.info
+    state = {"step": trainer.step, "scheduler": trainer.scheduler.state_dict(),
+             "sampler": trainer.sampler.state_dict(),
+             "exposure": trainer.exposure.state_dict() if trainer.exposure is not None else None,
+             "config": trainer.cfg.to_dict(), "version": atesd_mc.__version__,
+             "layout": {"tp": info.tp, "pp": info.pp, "dp": info.dp, "world": info.world_size},
+             **(extra_state or {})}
+
+    def extra(tmp: str) -> None:
+        ckpt.save_torch(_rng_state(), os.path.join(tmp, f"rng_rank{info.rank}.pt"))
+        if info.rank == 0:
+            ckpt.save_torch(state, os.path.join(tmp, "trainer_state.pt"))
+
+    if ckpt.is_writer():
+        os.makedirs(root, exist_ok=True)
+    ckpt.barrier()
+    ckpt.save_sharded(_sharded(trainer, loading=False), path, extra=extra)
+    ckpt.write_tracker(root, trainer.step)
+    return path
+
+
+def resume_path(cfg) -> str | None:
+    """--load if given, else the run directory when it already holds a checkpoint (auto-resume)."""
+    for root in (cfg.checkpoint.load, cfg.run_dir):
+        if root and ckpt.latest_step(root) is not None:
+            return root
+    if cfg.checkpoint.load:
+        raise ckpt.CheckpointError(f"{cfg.checkpoint.load}: no {ckpt.TRACKER} here (nothing to --load)")
+    return None
+
+
+def load(trainer, root: str) -> dict:
+    """Restore model, optimizer, teacher, schedule, sampler, controller and RNG; returns the
+    trainer state (empty dict for --finetune, which loads weights only and starts at step 0)."""
+    cfg = trainer.cfg.checkpoint
+    step = ckpt.latest_step(root)
+    path = ckpt.iter_dir(root, step)
+    state = ckpt.load_torch(os.path.join(path, "trainer_state.pt"))
+    with_opt = not (cfg.no_load_optim or cfg.finetune)
+    loaded = ckpt.load_sharded_checked(_sharded(trainer, loading=True, with_optimizer=with_opt), path)
+    unwrap(trainer.model).load_state_dict(loaded["model"], strict=False)
+    if "teacher" in loaded:
+        trainer.teacher.module.load_state_dict(loaded["teacher"], strict=False)
+    if cfg.finetune:
+        return {}
+    if with_opt:
+        trainer.optimizer.load_state_dict(loaded["optimizer"])
+        trainer.scheduler.load_state_dict(state["scheduler"])
+    trainer.step = int(state["step"])
+    trainer.sampler.load_state_dict(state["sampler"])
+    if trainer.exposure is not None and state.get("exposure") is not None:
+        trainer.exposure.load_state_dict(state["exposure"])
+    same_layout = state["layout"]["world"] == trainer.info.world_size and \
+        state["layout"]["tp"] == trainer.info.tp and state["layout"]["pp"] == trainer.info.pp
+    rng_file = os.path.join(path, f"rng_rank{trainer.info.rank}.pt")
+    if not cfg.no_load_rng and same_layout and os.path.exists(rng_file):
+        _set_rng_state(ckpt.load_torch(rng_file))
+    if dist.is_initialized():
+        dist.barrier()
+    return state
