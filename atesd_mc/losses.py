@@ -80,7 +80,9 @@ def token_log_probs(local_logits: torch.Tensor, ids: torch.Tensor) -> torch.Tens
     """log p(ids) from vocab-sharded logits [R, V_local] (megatron's vocab-parallel CE; exact)."""
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-    ce = vocab_parallel_cross_entropy(local_logits.float().unsqueeze(0).contiguous(), ids.unsqueeze(0))
+    if local_logits.dtype in (torch.float16, torch.bfloat16):
+        local_logits = local_logits.float()
+    ce = vocab_parallel_cross_entropy(local_logits.unsqueeze(0).contiguous(), ids.unsqueeze(0))
     return -ce.squeeze(0)
 
 
