@@ -333,6 +333,12 @@ class TrainConfig:
     """Warm start: share of teacher-format examples (random number of revealed segments)."""
     eval_max_new_tokens: int = 0
     """Held-out evaluation rollout cap; 0 = generation.max_new_tokens."""
+    max_skipped_steps: int = 10
+    """Stop with an error after this many consecutive steps skipped for a NaN/Inf loss or gradient."""
+    inject_nan_steps: list[int] = field(default_factory=list)
+    """Testing hook: make the loss NaN at these steps (1-based)."""
+    inject_fault_at: str = ""
+    """Testing hook: "RANK:STEP" makes that rank raise at that step."""
 
     def __post_init__(self) -> None:
         _choice("atesd_algorithm", self.atesd_algorithm, ("atesd", "opsd", "sft", "grpo", "lm"))
@@ -349,6 +355,7 @@ class TrainConfig:
                  self.warm_start_teacher_fraction, "must be in [0, 1]")
         _require(self.eval_max_new_tokens >= 0, "eval_max_new_tokens", self.eval_max_new_tokens,
                  "must be >= 0")
+        _require(self.max_skipped_steps >= 1, "max_skipped_steps", self.max_skipped_steps, "must be >= 1")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -369,9 +376,16 @@ class CheckpointConfig:
     """Load weights only and start at step 0."""
     exit_signal_handler: bool = True
     """SIGTERM/SIGINT: finish the step, save, exit 0."""
+    exit_duration_in_mins: float = 0.0
+    """Save and exit once the run has lasted this long (0 = no limit)."""
+    exit_interval: int = 0
+    """Save and exit when the step count is a multiple of this (0 = never)."""
 
     def __post_init__(self) -> None:
         _require(self.save_interval >= 0, "save_interval", self.save_interval, "must be >= 0")
+        _require(self.exit_duration_in_mins >= 0, "exit_duration_in_mins", self.exit_duration_in_mins,
+                 "must be >= 0")
+        _require(self.exit_interval >= 0, "exit_interval", self.exit_interval, "must be >= 0")
 
 
 @dataclass(kw_only=True, slots=True)

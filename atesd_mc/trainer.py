@@ -64,6 +64,7 @@ class Trainer:
                                                dp_rank=self.info.dp_rank, dp_size=self.dp,
                                                seed=cfg.train.seed, exclude=self.problems.train_exclude)
         self.step = 0
+        self.skipped_total = self.skipped_in_row = 0
         self.resumed_state = run_state.load(self, self.resume_from) if self.resume_from else {}
         self.timer = Timer()
         self.logger = MetricsLogger(cfg.run_dir, self.rank0, cfg.train.train_iters,
@@ -126,6 +127,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def train_step(self) -> dict:
+        fault = self.cfg.train.inject_fault_at
+        if fault and fault == f"{self.info.rank}:{self.step + 1}":
+            raise RuntimeError(f"injected fault on rank {self.info.rank} at iteration {self.step + 1}")
         algo = self.cfg.train.atesd_algorithm
         if algo in ("sft", "lm"):
             return self.sft_step()
@@ -218,25 +222,56 @@ class Trainer:
         """Optimizer step (skipped on a non-finite loss), statistics, controller, step record."""
         t = self.timer
         t.start("optimizer")
+        if self.step + 1 in self.cfg.train.inject_nan_steps:
+            loss = float("nan")  # testing hook: behave as if this step's loss were NaN
         updated, grad_norm = False, float("nan")
-        if math.isfinite(loss):
+        if math.isfinite(loss) and self._grads_finite():
             updated, grad_norm, _ = optimizer_step(self.optimizer, self.scheduler)
+            updated = updated and math.isfinite(grad_norm)
             if updated:
                 self.teacher.after_optimizer_step()
+        self._count_skip(updated, loss, grad_norm)
         t.stop("optimizer")
         t.start("stats")
         probe_nll = self.probe_nll()
         t.stop("stats")
         record = {"step": self.step + 1, "alpha": alpha, "loss": loss, **(extra or {}),
                   "probe_nll": probe_nll, "teacher_score": teacher_score, "grad_norm": grad_norm,
-                  "skipped": not updated, "lr": self.optimizer.param_groups[0]["lr"], "tokens": tokens}
-        if self.exposure is not None and alpha is not None:
+                  "skipped": not updated, "skipped_total": self.skipped_total,
+                  "lr": self.optimizer.param_groups[0]["lr"], "tokens": tokens}
+        if self.exposure is not None and alpha is not None and updated:
             mismatch = record["mismatch"] if self.cfg.controller.mismatch_metric == "kl" else record["top1_disagree"]
             out = self.exposure.observe(self.step, loss=loss, mismatch=mismatch, probe_nll=probe_nll,
                                         confidence=record["confidence"], teacher_score=teacher_score) or {}
             record.update(_controller_fields(out))
         self.step += 1
         return record
+
+    def _grads_finite(self) -> bool:
+        """All ranks agree whether every gradient is finite (one all-reduce)."""
+        bad = torch.zeros(1, dtype=torch.float32, device=self.device)
+        for buf in getattr(self.ddp, "buffers", []):
+            if not bool(torch.isfinite(buf.grad_data).all()):
+                bad.fill_(1.0)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return bad.item() == 0
+
+    def _count_skip(self, updated: bool, loss: float, grad_norm: float) -> None:
+        """A skipped step changes nothing (weights, optimizer, controller); too many in a row stop
+        the run with the last good checkpoint intact."""
+        if updated:
+            self.skipped_in_row = 0
+            return
+        self.skipped_total += 1
+        self.skipped_in_row += 1
+        self.logger.print(f"iteration {self.step + 1}: skipped (loss {loss}, grad norm {grad_norm}); "
+                          f"number of nan iterations: {self.skipped_total}")
+        if self.skipped_in_row >= self.cfg.train.max_skipped_steps:
+            raise RuntimeError(f"{self.skipped_in_row} consecutive iterations had a NaN/Inf loss or gradient "
+                               f"(max_skipped_steps={self.cfg.train.max_skipped_steps}); stopping. The last "
+                               f"good checkpoint is the one named in {self.cfg.run_dir}/"
+                               f"latest_checkpointed_iteration.txt")
 
     # ------------------------------------------------------------------ statistics
     @torch.no_grad()
@@ -308,7 +343,12 @@ class Trainer:
         if results is None:
             results = {"before": self.evaluate(), "before_sampled": self.evaluate(greedy=False)}
             self.logger.print(f"held-out accuracy before: {results['before']}")
+        from atesd_mc import signals
+
+        if cfg.checkpoint.exit_signal_handler:
+            signals.install()
         start = time.perf_counter()
+        started = time.monotonic()
         interval = cfg.checkpoint.save_interval
         while self.step < total:
             record = self.train_step()
@@ -318,8 +358,14 @@ class Trainer:
             if record["step"] % cfg.logging.log_interval == 0 or record["step"] == total:
                 line = _line_fields(record, times, cfg.train.global_batch_size)
             self.logger.step(record, line)
-            if interval and self.step % interval == 0 and self.step < total:
-                run_state.save(self, {"eval_before": results})
+            reason = signals.exit_reason(self.step, started, cfg.checkpoint.exit_duration_in_mins,
+                                         cfg.checkpoint.exit_interval) if self.step < total else None
+            if reason or (interval and self.step % interval == 0 and self.step < total):
+                path = run_state.save(self, {"eval_before": results})
+                if reason:
+                    self.logger.print(f"exiting at iteration {self.step}: {reason}; checkpoint saved to {path}")
+                    self.logger.close()
+                    return {**results, "exited_early": reason, "step": self.step}
             if cfg.train.eval_interval and record["step"] % cfg.train.eval_interval == 0 and record["step"] < total:
                 self.logger.print(f"held-out accuracy at {record['step']}: {self.evaluate()}")
         if not (self.resumed_state and self.resumed_state["step"] == total):
@@ -366,4 +412,4 @@ def _line_fields(record: dict, times: dict, gbs: int) -> dict:
             "reward": record.get("reward"), "grad norm": record["grad_norm"],
             "tokens/s rollout": rate("rollout", "rollout"), "tokens/s teacher": rate("teacher", "teacher"),
             "tokens/s student": rate("student", "student"),
-            "number of skipped iterations": int(record["skipped"])}
+            "number of nan iterations": int(record["skipped_total"])}

@@ -37,7 +37,12 @@ def main(argv=None) -> int:
         print(f"atesd-mc: {cfg.name} | world {info.world_size} (tp {info.tp}, pp {info.pp}, dp {info.dp}) | "
               f"backend {distributed.backend_for(cfg.parallel.distributed_backend)} | layer spec "
               f"{resolve_impl(cfg.model.transformer_impl)} | run dir {cfg.run_dir}", flush=True)
-    trainer.run()
+    try:
+        trainer.run()
+    except Exception as e:
+        # One clear line naming the rank; torchrun then stops the other ranks.
+        print(f"error on rank {trainer.info.rank}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        raise
     distributed.shutdown()
     return 0
 
