@@ -155,3 +155,25 @@ def generate(model, prompts: list[list[int]], params: SamplingParams,
             gen = gen[: gen.index(params.eos_id) + 1]
         out.append(gen[: params.max_new_tokens])
     return Rollouts(tokens=out, finished=finished.tolist())
+
+
+def generate_bucketed(model, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator,
+                      *, max_batch: int = 64, max_spread: int = 32) -> Rollouts:
+    """generate() over length buckets: prompts sorted by length and cut into batches whose lengths
+    differ by at most max_spread, because the shared cache advances one position at a time from
+    the shortest prompt of a batch. Results come back in the input order."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    tokens: list[list[int] | None] = [None] * len(prompts)
+    finished = [False] * len(prompts)
+    start = 0
+    while start < len(order):
+        end = start + 1
+        while (end < len(order) and end - start < max_batch
+               and len(prompts[order[end]]) - len(prompts[order[start]]) <= max_spread):
+            end += 1
+        idx = order[start:end]
+        out = generate(model, [prompts[i] for i in idx], params, generator)
+        for j, i in enumerate(idx):
+            tokens[i], finished[i] = out.tokens[j], out.finished[j]
+        start = end
+    return Rollouts(tokens=tokens, finished=finished)
