@@ -380,6 +380,9 @@ class Trainer:
             with open(path + ".tmp", "w") as f:
                 json.dump(results, f, indent=2)
             os.replace(path + ".tmp", path)
+            from atesd_mc.plotting import plot
+
+            self.logger.print(f"wrote {path} and {plot(cfg.run_dir, os.path.join(cfg.run_dir, 'run.png'))}")
         self.logger.close()
         return results
 
