@@ -6,6 +6,7 @@ save, and it re-imports `__main__`. A synchronous save needs no cross-process qu
 in-process queue replaces it (same interface: put/get)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import shutil
@@ -19,6 +20,20 @@ def _use_local_results_queue() -> None:
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     filesystem_async._get_write_results_queue = lambda: _LOCAL_RESULTS
+
+
+@contextlib.contextmanager
+def file_lock(path: str):
+    """Exclusive inter-process lock on `path` (parallel jobs sharing a cache directory)."""
+    import fcntl
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def barrier() -> None:

@@ -137,8 +137,8 @@ class DataConfig:
     """Tokenizer directory or sentencepiece model; empty = the synthetic task's own tokenizer."""
     eval_data_path: str = ""
     """Held-out problem store for in-training accuracy (the synthetic task has its own split)."""
-    synthetic_vocab_size: int = 384
-    """Synthetic task: sentencepiece vocabulary size."""
+    synthetic_vocab_size: int = 512
+    """Synthetic task: sentencepiece vocabulary size (512: template words become single tokens)."""
     synthetic_train_size: int = 20000
     """Synthetic task: training problems."""
     synthetic_eval_size: int = 200

@@ -13,6 +13,7 @@ from typing import Sequence
 
 import torch.distributed as dist
 
+from atesd_mc.checkpoint import file_lock
 from atesd_mc.config import RunConfig
 from atesd_mc.data.sampler import choose_probe_indices
 from atesd_mc.data.store import ProblemStore, write_store
@@ -56,25 +57,32 @@ def _synthetic_dir(cfg: RunConfig, task_cfg) -> str:
 
 def build_synthetic(cfg: RunConfig) -> str:
     """Create (once) the tokenizer and the train/probe/eval stores of the synthetic task."""
-    from atesd_mc.data.synthetic import corpus, make_splits
-
     task_cfg = synthetic_task_config(cfg)
     root = _synthetic_dir(cfg, task_cfg)
     done = os.path.join(root, "COMPLETE")
     if not dist.is_initialized() or dist.get_rank() == 0:
-        if not os.path.exists(done):
-            os.makedirs(root, exist_ok=True)
-            model_path = os.path.join(root, "tokenizer.model")
-            train_sentencepiece(corpus(task_cfg), cfg.data.synthetic_vocab_size, model_path)
-            tok = SentencePieceTokenizer(model_path)
-            splits = make_splits(task_cfg)
-            for name in ("train", "probe", "eval"):
-                write_store(os.path.join(root, name), splits[name], tok, overwrite=True,
-                            source={"synthetic": dataclasses.asdict(task_cfg)}, enable_thinking=False)
-            with open(done, "w") as f:
-                f.write("ok\n")
+        with file_lock(root + ".lock"):
+            _build_synthetic_files(cfg, task_cfg, root, done)
     _barrier()
     return root
+
+
+def _build_synthetic_files(cfg: RunConfig, task_cfg, root: str, done: str) -> None:
+    """Tokenizer, then the three stores, then the COMPLETE marker (under the cache lock)."""
+    from atesd_mc.data.synthetic import corpus, make_splits
+
+    if os.path.exists(done):
+        return
+    os.makedirs(root, exist_ok=True)
+    model_path = os.path.join(root, "tokenizer.model")
+    train_sentencepiece(corpus(task_cfg), cfg.data.synthetic_vocab_size, model_path)
+    tok = SentencePieceTokenizer(model_path)
+    splits = make_splits(task_cfg)
+    for name in ("train", "probe", "eval"):
+        write_store(os.path.join(root, name), splits[name], tok, overwrite=True,
+                    source={"synthetic": dataclasses.asdict(task_cfg)}, enable_thinking=False)
+    with open(done, "w") as f:
+        f.write("ok\n")
 
 
 def load_problems(cfg: RunConfig) -> Problems:

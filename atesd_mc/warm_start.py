@@ -8,6 +8,7 @@ cache directory under a hash of everything that determines it, and loads it into
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -18,7 +19,7 @@ import time
 import torch
 
 from atesd_mc import distributed, schedule
-from atesd_mc.checkpoint import load_sharded, save_sharded
+from atesd_mc.checkpoint import file_lock, load_sharded, save_sharded
 from atesd_mc.batching import build_side, per_sequence_weights
 from atesd_mc.losses import sft_loss
 from atesd_mc.model.qwen3 import build_stage, local_vocab_range, output_weight, tp_input
@@ -117,10 +118,14 @@ def warm_start(trainer) -> dict:
     if trainer.cfg.train.warm_start_iters == 0:
         return {}
     path = cache_path(trainer)
-    info: dict = {"cache": path, "reused": os.path.isdir(path)}
-    if not info["reused"]:
-        info.update(_train(trainer, path))
-    else:
+    # Rank 0 holds a lock while deciding and training, so parallel jobs (a study) train it once.
+    lock = file_lock(path + ".lock") if trainer.rank0 else contextlib.nullcontext()
+    with lock:
+        reused = distributed.broadcast_object(os.path.isdir(path))
+        info: dict = {"cache": path, "reused": reused}
+        if not reused:
+            info.update(_train(trainer, path))
+    if reused:
         trainer_log(trainer, f"warm start: reusing {path}")
     load_into(trainer.model, path)
     distributed.model_parallel_seed(trainer.cfg.train.seed + 1)
