@@ -331,6 +331,8 @@ class TrainConfig:
     """Evaluate held-out accuracy every N steps (0 = only before and after)."""
     warm_start_teacher_fraction: float = 0.5
     """Warm start: share of teacher-format examples (random number of revealed segments)."""
+    eval_samples: int = 4
+    """k of the held-out Avg@k (sampled at the rollout temperature); greedy accuracy is separate."""
     eval_max_new_tokens: int = 0
     """Held-out evaluation rollout cap; 0 = generation.max_new_tokens."""
     max_skipped_steps: int = 10
@@ -355,6 +357,7 @@ class TrainConfig:
                  self.warm_start_teacher_fraction, "must be in [0, 1]")
         _require(self.eval_max_new_tokens >= 0, "eval_max_new_tokens", self.eval_max_new_tokens,
                  "must be >= 0")
+        _require(self.eval_samples >= 1, "eval_samples", self.eval_samples, "must be >= 1")
         _require(self.max_skipped_steps >= 1, "max_skipped_steps", self.max_skipped_steps, "must be >= 1")
 
 

@@ -312,24 +312,24 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, greedy: bool = True) -> dict:
-        """Held-out accuracy: one rollout per problem from the student prompt."""
+        """Held-out accuracy from the student prompt: greedy (one rollout per problem), or Avg@k
+        over k = eval_samples sampled rollouts per problem."""
         from atesd_mc.evaluation import is_correct
+        from atesd_mc.generation import generate_bucketed
 
         held = list(self.problems.eval)
         if not held:
             return {}
-        mine = held[self.info.dp_rank::self.dp]
-        max_new = self.cfg.train.eval_max_new_tokens or None
-        correct = 0
-        gen = self._generator(7919)
-        for mb in [mine[i:i + 64] for i in range(0, len(mine), 64)]:
-            out = generate(self.ddp, [ex.student.tolist() for ex in mb],
-                           self.sampling(greedy=greedy, max_new=max_new), gen)
-            for ex, toks in zip(mb, out.tokens):
-                text = self.tok.decode(toks, skip_special_tokens=True)
-                correct += int(is_correct(text, ex.answer))
+        k = 1 if greedy else self.cfg.train.eval_samples
+        mine = [ex for ex in held[self.info.dp_rank::self.dp] for _ in range(k)]
+        out = generate_bucketed(self.ddp, [ex.student.tolist() for ex in mine],
+                                self.sampling(greedy=greedy, max_new=self.cfg.train.eval_max_new_tokens or None),
+                                self._generator(7919))
+        correct = sum(int(is_correct(self.tok.decode(t, skip_special_tokens=True), ex.answer))
+                      for ex, t in zip(mine, out.tokens))
         g = self._all_sum([float(correct), float(len(mine))])
-        return {"accuracy": g[0] / max(g[1], 1), "n": int(g[1]), "mode": "greedy" if greedy else "sampled"}
+        return {"accuracy": g[0] / max(g[1], 1), "n": int(g[1]) // k, "k": k,
+                "mode": "greedy" if greedy else f"avg@{k}"}
 
     # ------------------------------------------------------------------ the run
     def run(self) -> dict:
