@@ -25,7 +25,7 @@ def _tp_group():
 
 def _masked_logits(h: torch.Tensor, w: torch.Tensor, valid: int) -> torch.Tensor:
     """Local-shard logits with the padded-vocab columns pushed out of every softmax."""
-    z = h @ w.t()
+    z = h.to(w.dtype) @ w.t()
     if valid < z.shape[-1]:
         z = torch.cat([z[..., :valid], torch.full_like(z[..., valid:], _MASKED_LOGIT)], dim=-1)
     return z
@@ -38,6 +38,9 @@ def distill_loss(h_s: torch.Tensor, h_t: torch.Tensor, w_s: torch.Tensor, w_t: t
     output-layer shard, of which the first `valid` rows are real vocabulary (w_t None: the teacher
     shares the student's output layer)."""
     group = _tp_group()
+    # bf16 runs: megatron's Float16Module hands the last stage's output back in fp32; the products
+    # run in the weights' dtype (the kernels accumulate in fp32 whatever the input dtype).
+    h_s, h_t = h_s.to(w_s.dtype), h_t.to(w_s.dtype)
     if cfg.divergence == "sampled_token" or cfg.teacher_top_k:
         return _materialised_loss(h_s, h_t, w_s, w_t, valid, token_weights, cfg, rollout_ids, group)
     return fused_linear_divergence_loss(
@@ -98,7 +101,7 @@ def rollout_statistics(h_s: torch.Tensor, h_t: torch.Tensor, w_s: torch.Tensor,
         z = torch.zeros((), dtype=torch.float64, device=h_s.device)
         return {"kl": z, "top1_disagree": z.clone(), "confidence": z.clone(), "count": z.clone()}
     idx = torch.linspace(0, r - 1, min(r, max_tokens), device=h_s.device).round().long()
-    z_s = _masked_logits(h_s.detach()[idx], w_s, valid).float()
+    z_s = _masked_logits(h_s.detach()[idx], w_s, valid).float()  # casts h to w's dtype
     z_t = _masked_logits(h_t[idx], w_s if w_t is None else w_t, valid).float()
     lse_s, max_s, arg_s = _vp_stats(z_s, group)
     lse_t, _, arg_t = _vp_stats(z_t, group)

@@ -35,6 +35,16 @@ def saved_configs(root: str) -> tuple[ModelConfig, RunConfig | None]:
         raise ckpt.CheckpointError(f"{model_file}: {e}") from None
 
 
+def load_weights(model, root: str) -> None:
+    """Load the model weights of the latest checkpoint under root (a training run's, nested under
+    "model", or an import's, at the top level) into a built stage; resharded to its layout."""
+    path = ckpt.iter_dir(root, ckpt.latest_step(root))
+    nested = os.path.exists(os.path.join(path, "trainer_state.pt"))
+    sd = model.sharded_state_dict()
+    loaded = ckpt.load_sharded_checked({"model": sd} if nested else sd, path)
+    model.load_state_dict(loaded["model"] if nested else loaded, strict=False)
+
+
 def load_model(root: str, model_cfg: ModelConfig, parallel: ParallelConfig, vocab: int):
     """Build this rank's stage and load the latest checkpoint under root into it."""
     from atesd_mc.model.lora import add_lora
@@ -43,11 +53,7 @@ def load_model(root: str, model_cfg: ModelConfig, parallel: ParallelConfig, voca
     model = build_stage(model_cfg, parallel, vocab)
     if model_cfg.lora_rank:
         add_lora(model, model_cfg.lora_rank, model_cfg.lora_alpha, model_cfg.lora_targets, 0)
-    path = ckpt.iter_dir(root, ckpt.latest_step(root))
-    nested = os.path.exists(os.path.join(path, "trainer_state.pt"))
-    sd = model.sharded_state_dict()
-    loaded = ckpt.load_sharded_checked({"model": sd} if nested else sd, path)
-    model.load_state_dict(loaded["model"] if nested else loaded, strict=False)
+    load_weights(model, root)
     model.eval()
     return model
 

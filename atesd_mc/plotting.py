@@ -65,7 +65,7 @@ def plot(run_dir: str, output: str) -> str:
     ev_path = os.path.join(run_dir, "eval.json")
     if os.path.exists(ev_path):
         ev = json.load(open(ev_path))
-        names = [k for k in ("before", "after") if k in ev]
+        names = [k for k in ("before", "after") if "accuracy" in ev.get(k, {})]
         ax.bar(names, [ev[k]["accuracy"] for k in names], color=["gray", "tab:blue"][: len(names)])
         for i, k in enumerate(names):
             ax.text(i, ev[k]["accuracy"], f"{ev[k]['accuracy']:.3f}", ha="center", va="bottom")

@@ -72,30 +72,32 @@ def save(trainer, extra_state: dict | None = None) -> str:
     return path
 
 
-def resume_path(cfg) -> str | None:
-    """--load if given, else the run directory when it already holds a checkpoint (auto-resume)."""
-    for root in (cfg.checkpoint.load, cfg.run_dir):
-        if root and ckpt.latest_step(root) is not None:
-            return root
-    if cfg.checkpoint.load:
-        raise ckpt.CheckpointError(f"{cfg.checkpoint.load}: no {ckpt.TRACKER} here (nothing to --load)")
-    return None
+def resume_path(cfg) -> tuple[str | None, bool]:
+    """(where to load from, weights only?). The run's own checkpoints come first, so a pre-empted
+    --finetune run resumes itself; otherwise --load, weights only with --finetune."""
+    if ckpt.latest_step(cfg.run_dir) is not None:
+        return cfg.run_dir, False
+    load = cfg.checkpoint.load
+    if load:
+        if ckpt.latest_step(load) is None:
+            raise ckpt.CheckpointError(f"{load}: no {ckpt.TRACKER} here (nothing to --load)")
+        return load, cfg.checkpoint.finetune
+    return None, False
 
 
 def load(trainer, root: str) -> dict:
-    """Restore model, optimizer, teacher, schedule, sampler, controller and RNG; returns the
-    trainer state (empty dict for --finetune, which loads weights only and starts at step 0)."""
+    """Restore model, optimizer, teacher, schedule, sampler, controller and RNG of a training
+    checkpoint; returns its trainer state. (--finetune loads weights only: model_io.load_weights,
+    before LoRA adapters exist.)"""
     cfg = trainer.cfg.checkpoint
     step = ckpt.latest_step(root)
     path = ckpt.iter_dir(root, step)
     state = ckpt.load_torch(os.path.join(path, "trainer_state.pt"))
-    with_opt = not (cfg.no_load_optim or cfg.finetune)
+    with_opt = not cfg.no_load_optim
     loaded = ckpt.load_sharded_checked(_sharded(trainer, loading=True, with_optimizer=with_opt), path)
     unwrap(trainer.model).load_state_dict(loaded["model"], strict=False)
     if "teacher" in loaded:
         trainer.teacher.module.load_state_dict(loaded["teacher"], strict=False)
-    if cfg.finetune:
-        return {}
     if with_opt:
         trainer.optimizer.load_state_dict(loaded["optimizer"])
         trainer.scheduler.load_state_dict(state["scheduler"])

@@ -39,17 +39,27 @@ class Trainer:
         self.dp = cfg.validate_world(self.info.world_size)
         self.rank0 = self.info.rank == 0
         self.device = distributed.device()
+        from atesd_mc import run_state
+
+        self.resume_from, finetune = run_state.resume_path(cfg)
+        if finetune:
+            _architecture_from_checkpoint(cfg, self.resume_from, self.rank0)
         self.problems = load_problems(cfg)
         self.tok = self.problems.tokenizer
         self.vocab = cfg.model.vocab_size or self.tok.vocab_size
         self._responses: dict[int, list[int]] = {}
         self.model = build_stage(cfg.model, p, self.vocab)
-        from atesd_mc import run_state
         from atesd_mc.warm_start import warm_start
 
-        self.resume_from = run_state.resume_path(cfg)
-        # A resumed run takes every weight (theta_0 of the teacher included) from its checkpoint.
-        self.warm_start_info = {} if self.resume_from else warm_start(self)
+        if finetune:  # weights only (e.g. an imported HF model), before any adapter exists
+            from atesd_mc.model_io import load_weights
+
+            load_weights(self.model, self.resume_from)
+            if self.rank0:
+                print(f"loaded weights from {self.resume_from} (--finetune)", flush=True)
+            self.resume_from = None
+        # A resumed or fine-tuned run takes every weight (theta_0 included) from its checkpoint.
+        self.warm_start_info = {} if (self.resume_from or finetune) else warm_start(self)
         if cfg.model.lora_rank:
             add_lora(self.model, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_targets,
                      cfg.train.seed)
@@ -211,7 +221,7 @@ class Trainer:
                            float(sum(rollouts.finished)), float(len(rollouts.finished))])
         extra = {"mismatch": g[1] / max(g[4], 1), "top1_disagree": g[2] / max(g[4], 1),
                  "confidence": g[3] / max(g[4], 1), "rollout_len": g[5] / max(g[9], 1),
-                 "eos_rate": g[8] / max(g[9], 1)}
+                 "eos_rate": g[8] / max(g[9], 1), "flops": self._step_flops(examples, rollouts, pairs)}
         score = self.teacher_score(examples[: min(4, len(examples))], alpha)
         return self._update_and_record(alpha, g[0] / self.dp,
                                        {"rollout": g[5], "teacher": g[6], "student": g[7]},
@@ -246,6 +256,20 @@ class Trainer:
             record.update(_controller_fields(out))
         self.step += 1
         return record
+
+    def _step_flops(self, examples, rollouts, pairs) -> dict:
+        """Executed FLOPs per stage of this step, summed over data-parallel replicas."""
+        from atesd_mc.flops import step_flops
+        from atesd_mc.model.qwen3 import padded_vocab_size
+
+        new = [len(r) for r in rollouts.tokens]
+        teacher_ctx = [int((row != 0).sum()) - n for p in pairs for row, n in
+                       zip(p.teacher.tokens.cpu(), p.rollout_lengths.tolist())]
+        f = step_flops(self.cfg.model, self.vocab, [len(ex.student) for ex in examples], new, teacher_ctx,
+                       padded_vocab=padded_vocab_size(self.vocab, self.cfg.model.make_vocab_size_divisible_by,
+                                                      self.info.tp))
+        keys = list(f)
+        return dict(zip(keys, self._all_sum([f[k] for k in keys])))
 
     def _grads_finite(self) -> bool:
         """All ranks agree whether every gradient is finite (one all-reduce)."""
@@ -356,7 +380,7 @@ class Trainer:
             record["time"] = times
             line = None
             if record["step"] % cfg.logging.log_interval == 0 or record["step"] == total:
-                line = _line_fields(record, times, cfg.train.global_batch_size)
+                line = _line_fields(record, times, cfg.train.global_batch_size, self.info.world_size)
             self.logger.step(record, line)
             reason = signals.exit_reason(self.step, started, cfg.checkpoint.exit_duration_in_mins,
                                          cfg.checkpoint.exit_interval) if self.step < total else None
@@ -387,9 +411,31 @@ class Trainer:
         return results
 
 
+def _architecture_from_checkpoint(cfg: RunConfig, root: str, verbose: bool) -> None:
+    """--finetune from an import (model_config.json): the architecture comes from the checkpoint,
+    as Megatron's --use-checkpoint-args; adapters, teacher mode and dtype stay as configured."""
+    import dataclasses
+    import json
+
+    path = os.path.join(root, "model_config.json")
+    if not os.path.exists(path):
+        return
+    saved = json.load(open(path))
+    keep = {"lora_rank", "lora_alpha", "lora_targets", "teacher_mode", "teacher_ema_decay",
+            "params_dtype", "transformer_impl", "seq_length"}
+    changed = {k: v for k, v in saved.items() if k not in keep and getattr(cfg.model, k, v) != v}
+    cfg.model = dataclasses.replace(cfg.model, **{k: v for k, v in saved.items() if k not in keep})
+    if verbose and changed:
+        print(f"architecture from {path}: {changed}", flush=True)
+
+
 def _weighted_sft(h, w, valid, ids, weights):
     loss = sft_loss(tp_input(h), w, valid, ids, weights.to(h.device, h.dtype))
     return loss, {"loss": loss.detach().clone()}
+
+
+def _device_name() -> str | None:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
 
 
 def _controller_fields(out: dict) -> dict:
@@ -403,10 +449,17 @@ def _controller_fields(out: dict) -> dict:
     return fields
 
 
-def _line_fields(record: dict, times: dict, gbs: int) -> dict:
+def _line_fields(record: dict, times: dict, gbs: int, world: int = 1) -> dict:
+    from atesd_mc.flops import mfu
+
     def rate(stage, key):
         n = record["tokens"].get(key)
         return n / times[stage] if n and times.get(stage) else None
+
+    flops = record.get("flops") or {}
+    per_gpu = {k: flops[k] / times[k] / world / 1e12 for k in flops if times.get(k)}
+    busy = sum(times.get(k, 0.0) for k in flops)
+    util = mfu(sum(flops.values()), busy, _device_name(), world) if flops and busy else None
 
     step_ms = 1000 * sum(times.values())
     return {"consumed samples": record["step"] * gbs, "elapsed time per iteration (ms)": round(step_ms, 1),
@@ -415,4 +468,6 @@ def _line_fields(record: dict, times: dict, gbs: int) -> dict:
             "reward": record.get("reward"), "grad norm": record["grad_norm"],
             "tokens/s rollout": rate("rollout", "rollout"), "tokens/s teacher": rate("teacher", "teacher"),
             "tokens/s student": rate("student", "student"),
+            **{f"TFLOP/s/GPU {k}": v for k, v in per_gpu.items()},
+            "MFU": util,
             "number of nan iterations": int(record["skipped_total"])}

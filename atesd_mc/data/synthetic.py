@@ -1,33 +1,37 @@
 """The embedded synthetic task: sums of looked-up facts ("context distillation of facts").
 
-A hidden table f(k) (``num_keys`` keys -> one digit in [min_value, max_value]) is fixed by the task
-seed. A problem asks for the sum of ``n`` distinct table entries; the reference solution first
-looks every term up, one line each, in a random order, then adds them up as a running sum in
-that same order, one addition per line, and ends with the boxed answer::
+A hidden table f(k) (``num_keys`` keys -> one digit in [min_value, max_value]) is fixed by the
+task seed. A problem asks for the sum of n distinct table entries (n in [min_steps, max_steps]);
+the reference solution looks every term up, one line each, then adds them up as a running sum
+in the same order, one addition per line, and ends with the boxed answer::
 
-    problem:   f12+f7+f33
-    solution:  f33=1
-               f12=4
-               f7=9
-               1+4=5
-               5+9=14
-               \\boxed{14}
+    problem:   H+E+q
+    solution:  H=6
+               E=3
+               q=2
+               6+3=9
+               9+2=11
+               \\boxed{11}
 
-so a solution has m = 2n lines (n lookups, n-1 additions, the box), one reasoning segment each
-(the segmenter falls back to lines because there are no blank lines), and a reveal ratio
-alpha = 0.5 shows the teacher exactly the n lookup lines, whatever n is.
+A solution has m = 2n lines (n lookups, n-1 additions, the box) and no blank line, so the
+segmenter cuts it into m line segments and a reveal ratio alpha = 0.5 shows the teacher exactly
+the n lookup lines, whatever n is; alpha in (0.5, 1) adds the reference's partial sums and
+alpha = 1 the boxed line too.
 
-Why this shape (ATESD_SPEC §6): what the teacher should pass on must be privileged and valid on
-any path the student takes. A fraction ``novel_fraction`` of the keys is *novel*: the warm start
-never asks the student to recall them (student-format warm-start examples use known keys only)
-and shows them only in teacher-format examples where every lookup line is revealed, i.e. where
-copying from the context is the way to get them right. So after the warm start the student
-guesses novel facts, while the teacher, given the lookup lines, copies them: a content-addressed
-copy, correct whatever order the student looked them up in. Self-distillation on the student's
-own rollouts is then what moves novel facts into the student's weights. Revealing the additions
-(alpha > 0.5) shows the reference's partial sums, which belong to the reference's order; a
-teacher that learned to copy pushes them onto rollouts that took another order.
-Arithmetic is kept easy (one-digit values) so that facts, not sums, are the bottleneck.
+Why this shape (ATESD_SPEC §6): the teacher must hold something privileged that stays valid on
+the student's own rollouts. A fraction ``novel_fraction`` of the keys is *novel*: in the warm
+start (see ``warm_start_examples``) every novel key gets a fresh random value in every example,
+so the weights cannot learn the true novel facts (the student is left at chance on them, 1/9),
+while teacher-format examples teach the model to copy a value that is revealed in its context.
+Known facts, the format and the (easy, one-digit) additions are learned by both. Given the
+revealed lookup lines, the teacher therefore knows the novel facts and the student does not;
+self-distillation on the student's rollouts moves them into the student's weights. With
+``lookup_order="problem"`` every solution follows the problem's order, so the student's lookup
+lines line up with the revealed ones. Revealing the additions shows partial sums of the
+*reference's* values, which disagree with a rollout that used a wrong (guessed) value: the
+teacher then pushes sums that do not follow from the rollout's own operands, so alpha past the
+lookups costs something and the best fixed alpha is interior (measured: alpha 0 no gain,
+0.5 best, 1 lower; see the prototype notes in the project docs).
 
 Everything is pure Python and a function of the config alone (``random.Random`` seeded by
 strings derived from ``seed``), so every process rebuilds the same table and splits.
@@ -36,11 +40,16 @@ from __future__ import annotations
 
 import random
 import re
+import string
 from dataclasses import dataclass
 from typing import Iterator
 
-KEY_PREFIX = "f"
-_PROBLEM_RE = re.compile(r"^f\d+(?:\+f\d+)+$")
+LETTERS = string.ascii_lowercase + string.ascii_uppercase
+KEY_STYLES = ("letter", "f_number")
+LOOKUP_ORDERS = ("problem", "random")
+_KEY = r"(?:[a-zA-Z]|f\d+)"
+_PROBLEM_RE = re.compile(rf"^{_KEY}(?:\+{_KEY})+$")
+_NUMBERED_RE = re.compile(r"^f(\d+)$")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -57,37 +66,54 @@ class SyntheticTaskConfig:
     """Held-out evaluation problems (distinct key sets, none shared with train or probe)."""
     min_steps: int = 2
     """Fewest terms per problem (a problem with n terms has 2n solution lines); >= 2."""
-    max_steps: int = 4
-    """Most terms per problem."""
-    num_keys: int = 96
-    """Size of the hidden table: keys f0 .. f{num_keys-1}."""
+    max_steps: int = 3
+    """Most terms per problem (3 keeps the warm start within ~1.5 min on 2 CPU cores)."""
+    num_keys: int = 52
+    """Size of the hidden table."""
+    key_style: str = "letter"
+    """How keys are written: "letter" (a..z, A..Z: one character, at most 52 keys) or
+    "f_number" (f0, f1, ...: a key spans several tokens, which makes finding it by content
+    harder to learn)."""
+    lookup_order: str = "problem"
+    """Order of the lookup lines (and so of the running sum): "problem" (the order the terms are
+    written in: one path, so the revealed lookups line up with the student's) or "random" (a
+    random order per solution: many paths; the teacher must then find facts by key)."""
     min_value: int = 1
     """Smallest table value."""
     max_value: int = 9
     """Largest table value (one digit keeps the additions easy)."""
     novel_fraction: float = 0.5
-    """Fraction of keys the warm start never asks the student to recall (see module doc)."""
+    """Fraction of keys that are novel: the warm start never shows their true value (each
+    warm-start example gives them fresh random values), so only the teacher, reading revealed
+    lookup lines, knows them (see module doc)."""
     warm_teacher_fraction: float = 0.5
     """Warm start: fraction of examples in teacher format (the rest are student format)."""
-    warm_student_known_only: bool = True
-    """Warm start: student-format examples are drawn only from problems with no novel key."""
-    warm_novel_reveal_all_lookups: bool = True
-    """Warm start: a teacher-format example with a novel key reveals at least its n lookup
-    lines (revealed count uniform in [n, 2n]); without novel keys it is uniform in [0, 2n]."""
+    warm_reorder_prob: float = 1.0
+    """Warm start, teacher format, lookup_order="random" only: probability that the trained
+    solution looks the facts up in a fresh random order instead of the revealed reference's
+    order, so that the teacher learns to find a fact by its key (valid on any path) rather
+    than copy the reference line by line (slower to learn: not reached in ~1.5 min)."""
 
     def __post_init__(self) -> None:
         if self.min_steps < 2:
             raise ValueError(f"min_steps must be >= 2 (4 solution lines), got {self.min_steps}")
         if self.max_steps < self.min_steps:
             raise ValueError(f"max_steps={self.max_steps} must be >= min_steps={self.min_steps}")
+        if self.lookup_order not in LOOKUP_ORDERS:
+            raise ValueError(f"lookup_order must be one of {LOOKUP_ORDERS}")
+        if self.key_style not in KEY_STYLES:
+            raise ValueError(f"key_style must be one of {KEY_STYLES}, got {self.key_style!r}")
+        if self.key_style == "letter" and self.num_keys > len(LETTERS):
+            raise ValueError(f"key_style='letter' allows at most {len(LETTERS)} keys")
         if self.num_keys < 2 * self.max_steps:
             raise ValueError(f"num_keys={self.num_keys} must be >= 2*max_steps")
         if not 0 <= self.min_value <= self.max_value <= 9:
             raise ValueError("need 0 <= min_value <= max_value <= 9")
         if not 0.0 <= self.novel_fraction < 1.0:
             raise ValueError(f"novel_fraction must be in [0, 1), got {self.novel_fraction}")
-        if not 0.0 <= self.warm_teacher_fraction <= 1.0:
-            raise ValueError("warm_teacher_fraction must be in [0, 1]")
+        for name in ("warm_teacher_fraction", "warm_reorder_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1]")
         for name in ("train_size", "probe_size", "eval_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
@@ -111,25 +137,39 @@ def novel_keys(cfg: SyntheticTaskConfig) -> frozenset[int]:
     return frozenset(keys[:round(cfg.novel_fraction * cfg.num_keys)])
 
 
-def problem_text(keys: tuple[int, ...] | list[int]) -> str:
-    return "+".join(f"{KEY_PREFIX}{k}" for k in keys)
+def key_name(k: int, style: str = "letter") -> str:
+    return LETTERS[k] if style == "letter" else f"f{k}"
+
+
+def key_id(name: str) -> int:
+    m = _NUMBERED_RE.match(name)
+    if m:
+        return int(m.group(1))
+    if len(name) == 1 and name in LETTERS:
+        return LETTERS.index(name)
+    raise ValueError(f"not a key: {name!r}")
+
+
+def problem_text(keys: tuple[int, ...] | list[int], style: str = "letter") -> str:
+    return "+".join(key_name(k, style) for k in keys)
 
 
 def parse_problem(problem: str) -> list[int]:
     """Keys of a problem, in the order written."""
     if not _PROBLEM_RE.match(problem):
         raise ValueError(f"not a synthetic problem: {problem!r}")
-    return [int(t[len(KEY_PREFIX):]) for t in problem.split("+")]
+    return [key_id(t) for t in problem.split("+")]
 
 
 def solve(problem: str, table: dict[int, int]) -> int:
     return sum(table[k] for k in parse_problem(problem))
 
 
-def solution_text(keys: list[int], order: list[int], table: dict[int, int]) -> str:
+def solution_text(keys: list[int], order: list[int], table: dict[int, int],
+                  style: str = "letter") -> str:
     """Lookups of keys[order] one per line, then the running sum in that order, then the box."""
     seq = [keys[i] for i in order]
-    lines = [f"{KEY_PREFIX}{k}={table[k]}" for k in seq]
+    lines = [f"{key_name(k, style)}={table[k]}" for k in seq]
     total = table[seq[0]]
     for k in seq[1:]:
         lines.append(f"{total}+{table[k]}={total + table[k]}")
@@ -138,10 +178,13 @@ def solution_text(keys: list[int], order: list[int], table: dict[int, int]) -> s
     return "\n".join(lines)
 
 
-def _example(keys: list[int], rng: random.Random, table: dict[int, int]) -> dict:
+def _example(keys: list[int], rng: random.Random, table: dict[int, int],
+             cfg: SyntheticTaskConfig) -> dict:
     order = list(range(len(keys)))
-    rng.shuffle(order)
-    return {"problem": problem_text(keys), "solution": solution_text(keys, order, table),
+    if cfg.lookup_order == "random":
+        rng.shuffle(order)
+    style = cfg.key_style
+    return {"problem": problem_text(keys, style), "solution": solution_text(keys, order, table, style),
             "answer": str(sum(table[k] for k in keys))}
 
 
@@ -169,7 +212,7 @@ def make_splits(cfg: SyntheticTaskConfig) -> dict[str, list[dict]]:
             if frozenset(keys) in used:
                 continue
             used.add(frozenset(keys))
-            rows.append(_example(keys, rng, table))
+            rows.append(_example(keys, rng, table, cfg))
         if len(rows) < size:
             raise ValueError(f"cannot draw {size} distinct {name} problems; raise num_keys")
         out[name] = rows
@@ -177,7 +220,7 @@ def make_splits(cfg: SyntheticTaskConfig) -> dict[str, list[dict]]:
     while len(train) < cfg.train_size:
         keys = draw()
         if frozenset(keys) not in used:
-            train.append(_example(keys, rng, table))
+            train.append(_example(keys, rng, table, cfg))
     out["train"] = train
     held = {r["problem"] for r in out["eval"]} | {r["problem"] for r in out["probe"]}
     assert not held & {r["problem"] for r in train}, "train overlaps eval/probe"
@@ -189,36 +232,72 @@ def num_terms(example: dict) -> int:
     return len(parse_problem(example["problem"]))
 
 
+def lookup_order(example: dict) -> list[int]:
+    """Keys in the order the solution looks them up."""
+    n = num_terms(example)
+    return [key_id(line.split("=")[0]) for line in example["solution"].split("\n")[:n]]
+
+
 def warm_start_examples(cfg: SyntheticTaskConfig, rng: random.Random | int,
                         train: list[dict] | None = None
                         ) -> Iterator[tuple[str, dict, int | None]]:
-    """Endless warm-start stream of (kind, example, revealed_segments).
+    """Endless warm-start stream of (kind, example, revealed_segments); see WARM_START_MIX.
 
-    kind "student": train the solution given the student prompt (revealed_segments is None).
-    kind "teacher": train the solution given the teacher prompt with the first revealed_segments
-    of the example's own solution lines revealed (plus the answer line and the transition).
-    The mix: teacher format with probability warm_teacher_fraction. Student format draws
-    uniformly from the training problems without novel keys (all of them if
-    warm_student_known_only is off). Teacher format draws uniformly from all training problems;
-    revealed_segments ~ uniform{lo..2n}, lo = n when the problem has a novel key (and
-    warm_novel_reveal_all_lookups), else 0. The loss is on the solution tokens only."""
+    kind "student": train example["solution"] after the student prompt of example["problem"];
+    revealed_segments is None.
+    kind "teacher": train example["solution"] after the teacher prompt that reveals the first
+    revealed_segments lines of example["reference"] (then "Final answer: \\boxed{answer}" and
+    the transition). The loss is on the solution tokens (and the end-of-turn token) only.
+
+    Both kinds draw a training problem uniformly and replace the values of its novel keys by
+    fresh uniform random values (solution, reference and answer recomputed), so the true novel
+    facts never reach the weights and the student is left at chance on them.
+
+    So the yielded example is generally NOT a row of the train split: tokenise its own texts
+    (e.g. store.make_example(tok, ex["problem"], ex.get("reference", ex["solution"])) for the
+    prompts and tok.encode(ex["solution"]) + EOS for the target). Mapping it back to the stored
+    training example by problem text would train the true novel facts and void the task. With
+    lookup_order="problem" (the default) ex["reference"] == ex["solution"]."""
     if isinstance(rng, int):
         rng = random.Random(rng)
     if train is None:
         train = make_splits(cfg)["train"]
+    table = hidden_table(cfg)
     novel = novel_keys(cfg)
-    has_novel = [any(k in novel for k in parse_problem(r["problem"])) for r in train]
-    student_pool = [r for r, h in zip(train, has_novel) if not (h and cfg.warm_student_known_only)]
-    if cfg.warm_teacher_fraction < 1.0 and not student_pool:
-        raise ValueError("no training problem without novel keys for student-format warm start")
     while True:
-        if rng.random() < cfg.warm_teacher_fraction:
-            i = rng.randrange(len(train))
-            n = num_terms(train[i])
-            lo = n if (has_novel[i] and cfg.warm_novel_reveal_all_lookups) else 0
-            yield "teacher", train[i], rng.randint(lo, 2 * n)
-        else:
-            yield "student", rng.choice(student_pool), None
+        ex = rng.choice(train)
+        keys = parse_problem(ex["problem"])
+        n = len(keys)
+        values = dict(table)
+        for k in keys:
+            if k in novel:
+                values[k] = rng.randint(cfg.min_value, cfg.max_value)
+        order = [keys.index(k) for k in lookup_order(ex)]
+        solution = solution_text(keys, order, values, cfg.key_style)
+        out = {"problem": ex["problem"], "solution": solution,
+               "answer": str(sum(values[k] for k in keys))}
+        if rng.random() >= cfg.warm_teacher_fraction:
+            yield "student", out, None
+            continue
+        out["reference"] = solution
+        if cfg.lookup_order == "random" and rng.random() < cfg.warm_reorder_prob:
+            other = list(range(n))
+            rng.shuffle(other)
+            out["solution"] = solution_text(keys, other, values, cfg.key_style)
+        yield "teacher", out, rng.randint(0, 2 * n)
+
+
+WARM_START_MIX = """\
+Warm start (SFT before distillation), per example: draw a training problem uniformly; give each
+of its novel keys a fresh value uniform in [min_value, max_value] (known keys keep their true
+value) and recompute the lines and the answer. With probability 1 - warm_teacher_fraction train
+the solution after the student prompt. Otherwise train it after the teacher prompt whose reference
+is the same facts in the example's lookup order, with revealed_segments uniform in {0, ..., 2n}
+(n terms, 2n lines); only with lookup_order="random", with probability warm_reorder_prob the
+trained solution then uses a fresh random lookup order (and its own running sums), so the
+revealed lines can be used by key but not copied line by line. Loss on the solution tokens (and
+the end-of-turn token) only. Prototype schedule: 1000 steps of 16 examples, AdamW lr 3e-3
+(50-step warm-up, cosine to 10%), about 100-120 s on one CPU thread for the tiny model."""
 
 
 def corpus(cfg: SyntheticTaskConfig) -> Iterator[str]:
