@@ -61,9 +61,90 @@ def save_sharded(sharded_state_dict: dict, path: str, extra=None) -> None:
         extra(tmp)
     barrier()
     if is_writer():
+        write_checksums(tmp)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
+        fsync_dir(os.path.dirname(os.path.abspath(path)))
     barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+# Integrity: a checksum of every file, written last inside the temp directory, checked on load.
+
+CHECKSUMS = "checksums.json"
+
+
+def _crc32(path: str) -> int:
+    import zlib
+
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_checksums(directory: str) -> None:
+    import json
+
+    entries = {}
+    for base, _, files in os.walk(directory):
+        for name in files:
+            full = os.path.join(base, name)
+            with open(full, "rb") as f:  # make the shards durable before the rename publishes them
+                os.fsync(f.fileno())
+            entries[os.path.relpath(full, directory)] = {"size": os.path.getsize(full), "crc32": _crc32(full)}
+    save_text(os.path.join(directory, CHECKSUMS), json.dumps(entries, indent=0, sort_keys=True))
+    fsync_dir(directory)
+
+
+def verify_checksums(directory: str) -> str | None:
+    """The first problem found (naming the file), or None. Checkpoints without checksums pass."""
+    import json
+
+    listing = os.path.join(directory, CHECKSUMS)
+    if not os.path.exists(listing):
+        return None
+    try:
+        entries = json.load(open(listing))
+    except (OSError, ValueError) as e:
+        return f"{listing}: unreadable checksum list ({e})"
+    for rel, want in sorted(entries.items()):
+        full = os.path.join(directory, rel)
+        if not os.path.exists(full):
+            return f"{full}: missing from the checkpoint"
+        if os.path.getsize(full) != want["size"]:
+            return f"{full}: truncated or overwritten ({os.path.getsize(full)} bytes, expected {want['size']})"
+        if _crc32(full) != want["crc32"]:
+            return f"{full}: corrupted (checksum mismatch)"
+    return None
+
+
+def verify_checkpoint(directory: str) -> None:
+    """Rank 0 checks every file; all ranks raise the same CheckpointError."""
+    problem = verify_checksums(directory) if is_writer() else None
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [problem]
+        dist.broadcast_object_list(box, src=0)
+        problem = box[0]
+    if problem:
+        raise CheckpointError(problem)
+
+
+def remove_stale_temps(root: str) -> None:
+    """iter_*.tmp left by a save that was killed: never part of a checkpoint."""
+    if is_writer() and os.path.isdir(root):
+        for name in os.listdir(root):
+            if name.startswith("iter_") and name.endswith(".tmp"):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
 def load_sharded(sharded_state_dict: dict, path: str) -> dict:
@@ -103,12 +184,8 @@ def latest_step(root: str) -> int | None:
 def write_tracker(root: str, step: int) -> None:
     """Updated last, atomically: a kill before this leaves the previous checkpoint current."""
     if is_writer():
-        tmp = os.path.join(root, TRACKER + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(f"{step}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(root, TRACKER))
+        save_text(os.path.join(root, TRACKER), f"{step}\n")
+        fsync_dir(root)
     barrier()
 
 
@@ -116,7 +193,19 @@ def save_torch(obj, path: str) -> None:
     import torch
 
     tmp = path + ".tmp"
-    torch.save(obj, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_text(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -134,9 +223,14 @@ def load_torch(path: str):
 
 
 def load_sharded_checked(sharded_state_dict: dict, path: str) -> dict:
-    """load_sharded with failures turned into one line naming the checkpoint directory."""
+    """load_sharded after the checksum check, failures turned into one line naming the file
+    (torch's CheckpointException is a BaseException, hence the wide except)."""
+    verify_checkpoint(path)
     try:
         return load_sharded(sharded_state_dict, path)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: B036
+        text = str(e).strip()
+        first = text.splitlines()[0][:300] if text else type(e).__name__
         raise CheckpointError(f"{path}: cannot load the sharded checkpoint ({type(e).__name__}: {first})") from None

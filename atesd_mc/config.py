@@ -543,18 +543,26 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise TypeError(f"unsupported config type {tp} for {where}")
 
 
-def _build(raw: dict[str, dict[str, Any]], name: str, source: str) -> RunConfig:
+def _build(raw: dict[str, dict[str, Any]], name: str, source: str,
+           from_flags: frozenset[str] = frozenset()) -> RunConfig:
+    """Sections from {section: {field: value}}; errors name the YAML file or the flag that set
+    the value (from_flags: fields given on the command line)."""
+    import re
+
     sections = {}
     for section, cls in SECTIONS.items():
         values = raw.get(section, {})
         kwargs = {}
         for f in dataclasses.fields(cls):
             if f.name in values:
-                kwargs[f.name] = _coerce(values[f.name], _resolved_type(cls, f),
-                                         f"{source}{section}.{f.name}")
+                where = ("--" + f.name.replace("_", "-")) if f.name in from_flags else f"{source}{section}.{f.name}"
+                kwargs[f.name] = _coerce(values[f.name], _resolved_type(cls, f), where)
         try:
             sections[section] = cls(**kwargs)
         except ConfigError as e:
+            named = re.match(r"invalid config: (\w+)=", str(e))
+            if named and named.group(1) in from_flags:
+                raise ConfigError(f"{e} (from --{named.group(1).replace('_', '-')})") from None
             raise ConfigError(f"{source}{e}") from None
     return RunConfig(name=name, **sections)
 
@@ -625,13 +633,15 @@ def parse_config(argv: list[str] | None = None) -> RunConfig:
         os.path.splitext(os.path.basename(args.config))[0] if args.config else "tiny_arith")
     raw.pop("name", None)
     index = _field_index()
+    flags = set()
     for key, value in vars(args).items():
         if key in ("config", "name") or value is None:
             continue
         section, _ = index[key]
         raw.setdefault(section, {})[key] = value
+        flags.add(key)
     source = f"{args.config}: " if args.config else ""
-    return _build(raw, name, source)
+    return _build(raw, name, source, frozenset(flags))
 
 
 def config_from_dict(raw: dict[str, Any], name: str = "tiny_arith") -> RunConfig:

@@ -92,6 +92,8 @@ def load(trainer, root: str) -> dict:
     cfg = trainer.cfg.checkpoint
     step = ckpt.latest_step(root)
     path = ckpt.iter_dir(root, step)
+    ckpt.remove_stale_temps(root)
+    ckpt.verify_checkpoint(path)
     state = ckpt.load_torch(os.path.join(path, "trainer_state.pt"))
     with_opt = not cfg.no_load_optim
     loaded = ckpt.load_sharded_checked(_sharded(trainer, loading=True, with_optimizer=with_opt), path)

@@ -33,6 +33,8 @@ class Trainer:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         p = cfg.parallel
+        # Our message (naming the field) before megatron's, which would come from initialize().
+        cfg.validate_world(dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1")))
         self.info = distributed.initialize(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                                            cfg.train.seed, p.distributed_backend,
                                            p.distributed_timeout_minutes)

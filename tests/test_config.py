@@ -60,14 +60,14 @@ def test_unknown_section_and_flag(tmp_path):
 def test_wrong_type_names_field_and_value(tmp_path):
     with pytest.raises(ConfigError, match=r"model\.hidden_size='wide'.*integer"):
         parse_config(["--config", _yaml(tmp_path, "model:\n  hidden_size: wide\n")])
-    with pytest.raises(ConfigError, match=r"train\.lr='fast'.*number"):
+    with pytest.raises(ConfigError, match=r"--lr='fast'.*number"):
         parse_config(["--lr", "fast"])
-    with pytest.raises(ConfigError, match=r"sequence_parallel='maybe'"):
+    with pytest.raises(ConfigError, match=r"--sequence-parallel='maybe'"):
         parse_config(["--sequence-parallel", "maybe"])
 
 
 def test_out_of_range_value_names_field():
-    with pytest.raises(ConfigError, match=r"reveal_ratio=1\.5"):
+    with pytest.raises(ConfigError, match=r"reveal_ratio=1\.5.*\(from --reveal-ratio\)"):
         parse_config(["--reveal-ratio", "1.5"])
     with pytest.raises(ConfigError, match=r"atesd_exposure='sometimes'"):
         parse_config(["--atesd-exposure", "sometimes"])

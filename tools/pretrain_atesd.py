@@ -23,11 +23,14 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     from atesd_mc import distributed
+    from atesd_mc.checkpoint import CheckpointError
+    from atesd_mc.data.store import StoreError
+    from atesd_mc.data.tokenizer import TokenizerError
     from atesd_mc.trainer import Trainer
 
     try:
         trainer = Trainer(cfg)
-    except ConfigError as e:
+    except (ConfigError, CheckpointError, StoreError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if trainer.rank0:
