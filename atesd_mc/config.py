@@ -145,7 +145,7 @@ class DataConfig:
     """Synthetic task: held-out evaluation problems."""
     synthetic_min_steps: int = 2
     """Synthetic task: fewest reasoning steps per problem."""
-    synthetic_max_steps: int = 4
+    synthetic_max_steps: int = 3
     """Synthetic task: most reasoning steps per problem."""
     probe_size: int = 32
     """Training pairs held out of the batch stream for the probe NLL (controller state)."""
@@ -327,9 +327,11 @@ class TrainConfig:
     """SFT steps on student+teacher formats before distillation (cached); 0 = none."""
     warm_start_lr: float = 3e-3
     """Learning rate of the warm start."""
+    warm_start_batch_size: int = 0
+    """Examples per warm-start step (all ranks); 0 = global_batch_size."""
     eval_interval: int = 0
     """Evaluate held-out accuracy every N steps (0 = only before and after)."""
-    warm_start_teacher_fraction: float = 0.5
+    warm_start_teacher_fraction: float = 0.75
     """Warm start: share of teacher-format examples (random number of revealed segments)."""
     eval_samples: int = 4
     """k of the held-out Avg@k (sampled at the rollout temperature); greedy accuracy is separate."""
@@ -350,7 +352,7 @@ class TrainConfig:
                  self.global_batch_size, f"must be a multiple of micro_batch_size={self.micro_batch_size}")
         _require(self.lr > 0, "lr", self.lr, "must be > 0")
         _require(0 <= self.min_lr <= self.lr, "min_lr", self.min_lr, f"must be in [0, lr={self.lr}]")
-        for name in ("lr_warmup_iters", "warm_start_iters", "eval_interval"):
+        for name in ("lr_warmup_iters", "warm_start_iters", "eval_interval", "warm_start_batch_size"):
             _require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
         _require(self.clip_grad >= 0, "clip_grad", self.clip_grad, "must be >= 0")
         _require(0 <= self.warm_start_teacher_fraction <= 1, "warm_start_teacher_fraction",

@@ -37,15 +37,18 @@ def build_optimizer(ddp_model, train: TrainConfig, par: ParallelConfig, *, lr: f
     return get_megatron_optimizer(opt_cfg, [ddp_model])
 
 
-def build_scheduler(optimizer, train: TrainConfig, *, lr: float | None = None, iters: int | None = None):
-    """Linear warm-up then cosine decay to min_lr (megatron's OptimizerParamScheduler)."""
+def build_scheduler(optimizer, train: TrainConfig, *, lr: float | None = None, iters: int | None = None,
+                    warmup: int | None = None, min_lr: float | None = None):
+    """Linear warm-up then cosine decay to min_lr (megatron's OptimizerParamScheduler); the
+    training schedule by default, or another (the warm start) through the keyword arguments."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     peak = lr if lr is not None else train.lr
     steps = max(iters if iters is not None else train.train_iters, 1)
-    warmup = min(train.lr_warmup_iters, steps - 1) if iters is None else 0
+    warmup = min(train.lr_warmup_iters if warmup is None else warmup, steps - 1)
+    floor = min(train.min_lr if min_lr is None else min_lr, peak)
     return OptimizerParamScheduler(
-        optimizer, init_lr=0.0 if warmup else peak, max_lr=peak, min_lr=min(train.min_lr, peak),
+        optimizer, init_lr=0.0 if warmup else peak, max_lr=peak, min_lr=floor,
         lr_warmup_steps=warmup, lr_decay_steps=steps, lr_decay_style="cosine",
         start_wd=train.weight_decay, end_wd=train.weight_decay, wd_incr_steps=steps,
         wd_incr_style="constant")

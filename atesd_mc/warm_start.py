@@ -35,14 +35,22 @@ def cache_path(trainer) -> str:
                       "synthetic": [cfg.data.synthetic_train_size, cfg.data.synthetic_min_steps,
                                     cfg.data.synthetic_max_steps, cfg.data.probe_size],
                       "iters": cfg.train.warm_start_iters, "lr": cfg.train.warm_start_lr,
+                      "batch": cfg.train.warm_start_batch_size, "recipe": 2,
                       "mix": cfg.train.warm_start_teacher_fraction, "gbs": cfg.train.global_batch_size,
                       "seed": cfg.train.seed}, sort_keys=True)
     return os.path.join(cfg.data.cache_dir, "warm_start-" + hashlib.sha256(key.encode()).hexdigest()[:12])
 
 
 def _stream(trainer, seed: int):
-    """Endless (Example, revealed segments or None) pairs for this data-parallel rank."""
-    cfg, train = trainer.cfg, trainer.problems.train
+    """Endless (prompt tokens, response tokens) pairs for this data-parallel rank.
+
+    Synthetic task: its own warm-start mix (novel facts get fresh random values in every example,
+    so only the teacher format can get them right: by copying revealed lines), tokenised here.
+    A problem store: student format, or teacher format with a uniform number of revealed segments."""
+    from atesd_mc.data.store import make_example
+
+    cfg, train, tok = trainer.cfg, trainer.problems.train, trainer.tok
+    eos = tok.eos_id
     rng = random.Random(f"{seed}-warm-{trainer.info.dp_rank}")
     if not cfg.data.data_path:
         from atesd_mc.data.synthetic import warm_start_examples
@@ -50,17 +58,19 @@ def _stream(trainer, seed: int):
 
         task = dataclasses.replace(synthetic_task_config(cfg),
                                    warm_teacher_fraction=cfg.train.warm_start_teacher_fraction)
-        by_problem = {train[i].problem: i for i in range(len(train))}
         for kind, row, k in warm_start_examples(task, rng):
-            yield train[by_problem[row["problem"]]], (k if kind == "teacher" else None)
+            ex = make_example(tok, row["problem"], row.get("reference", row["solution"]),
+                              answer=row["answer"], enable_thinking=False)
+            prompt = ex.student if kind == "student" else ex.teacher.tokens(k)
+            yield prompt.tolist(), tok.encode(row["solution"]) + [eos]
     exclude = set(trainer.problems.train_exclude)
     pool = [i for i in range(len(train)) if i not in exclude]
     while True:
         ex = train[rng.choice(pool)]
         if rng.random() < cfg.train.warm_start_teacher_fraction:
-            yield ex, rng.randint(0, ex.teacher.num_segments)
+            yield ex.teacher.tokens(rng.randint(0, ex.teacher.num_segments)).tolist(), trainer.response(ex)
         else:
-            yield ex, None
+            yield ex.student.tolist(), trainer.response(ex)
 
 
 def _train(trainer, path: str) -> dict:
@@ -69,9 +79,11 @@ def _train(trainer, path: str) -> dict:
     model = build_stage(cfg.model, p, trainer.vocab)
     ddp = wrap_ddp(model, p)
     iters = cfg.train.warm_start_iters
-    opt = build_optimizer(ddp, cfg.train, p, lr=cfg.train.warm_start_lr)
-    sched = build_scheduler(opt, cfg.train, lr=cfg.train.warm_start_lr, iters=iters)
-    per_rank = cfg.train.global_batch_size // trainer.dp
+    lr = cfg.train.warm_start_lr
+    opt = build_optimizer(ddp, cfg.train, p, lr=lr)
+    # Short linear warm-up, cosine down to 10%: what made the teacher's copying form reliably.
+    sched = build_scheduler(opt, cfg.train, lr=lr, iters=iters, warmup=min(50, iters // 10), min_lr=0.1 * lr)
+    per_rank = (cfg.train.warm_start_batch_size or cfg.train.global_batch_size) // trainer.dp
     stream = _stream(trainer, cfg.train.seed)
     _, _, valid = local_vocab_range(model, trainer.info.tp_rank, trainer.info.tp)
     start, losses = time.perf_counter(), []
@@ -79,9 +91,8 @@ def _train(trainer, path: str) -> dict:
         batch = [next(stream) for _ in range(per_rank)]
         sides, ids, weights = [], [], []
         for mb in trainer._micro(batch):
-            prompts = [(ex.student if k is None else ex.teacher.tokens(k)).tolist() for ex, k in mb]
-            resp = [trainer.response(ex) for ex, _ in mb]
-            side, rid = build_side(prompts, resp, trainer.device)
+            resp = [r for _, r in mb]
+            side, rid = build_side([p for p, _ in mb], resp, trainer.device)
             sides.append(side)
             ids.append(rid)
             weights.append(per_sequence_weights(torch.tensor([len(r) for r in resp]), per_rank))

@@ -30,8 +30,16 @@ self-distillation on the student's rollouts moves them into the student's weight
 lines line up with the revealed ones. Revealing the additions shows partial sums of the
 *reference's* values, which disagree with a rollout that used a wrong (guessed) value: the
 teacher then pushes sums that do not follow from the rollout's own operands, so alpha past the
-lookups costs something and the best fixed alpha is interior (measured: alpha 0 no gain,
-0.5 best, 1 lower; see the prototype notes in the project docs).
+lookups costs something and the best fixed alpha is interior.
+
+Measured on a plain-PyTorch prototype (tiny Qwen3, 0.8M parameters, one CPU thread; warm start
+1000 x 16 examples at lr 3e-3, then 150 steps x 32 rollouts of forward-KL self-distillation,
+lr 1e-3, no per-vocab clip), held-out greedy accuracy on 200 problems, two warm-start seeds:
+warm start 0.20 / 0.32; alpha 0: 0.18 / 0.32; alpha 0.5: 0.61 / 0.58; alpha 1: 0.49 / 0.47;
+SFT on the references, same steps: 0.97. Per-token KL on student rollouts rises with alpha
+(0.15 / 0.28 / 0.39 and 0.10 / 0.19 / 0.28 at alpha 0 / 0.5 / 1). The OPSD per-vocab clip
+c = 0.05 blocks the transfer (clamped terms carry no gradient, so the teacher's confident facts
+are exactly what is cut): alpha 0.5 with c = 0.05 fell to 0.16.
 
 Everything is pure Python and a function of the config alone (``random.Random`` seeded by
 strings derived from ``seed``), so every process rebuilds the same table and splits.
@@ -86,8 +94,9 @@ class SyntheticTaskConfig:
     """Fraction of keys that are novel: the warm start never shows their true value (each
     warm-start example gives them fresh random values), so only the teacher, reading revealed
     lookup lines, knows them (see module doc)."""
-    warm_teacher_fraction: float = 0.5
-    """Warm start: fraction of examples in teacher format (the rest are student format)."""
+    warm_teacher_fraction: float = 0.75
+    """Warm start: fraction of examples in teacher format (the rest are student format). At 0.5
+    the copy skill emerged within 1000 steps for one model seed of two; at 0.75 for both."""
     warm_reorder_prob: float = 1.0
     """Warm start, teacher format, lookup_order="random" only: probability that the trained
     solution looks the facts up in a fresh random order instead of the revealed reference's
@@ -184,7 +193,8 @@ def _example(keys: list[int], rng: random.Random, table: dict[int, int],
     if cfg.lookup_order == "random":
         rng.shuffle(order)
     style = cfg.key_style
-    return {"problem": problem_text(keys, style), "solution": solution_text(keys, order, table, style),
+    return {"problem": problem_text(keys, style),
+            "solution": solution_text(keys, order, table, style),
             "answer": str(sum(table[k] for k in keys))}
 
 
