@@ -319,6 +319,8 @@ class TrainConfig:
     """Linear warm-up steps."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
+    adam_beta2: float = 0.999
+    """Adam second-moment decay."""
     clip_grad: float = 1.0
     """Global gradient-norm clip."""
     seed: int = 1234
@@ -355,6 +357,7 @@ class TrainConfig:
         for name in ("lr_warmup_iters", "warm_start_iters", "eval_interval", "warm_start_batch_size"):
             _require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
         _require(self.clip_grad >= 0, "clip_grad", self.clip_grad, "must be >= 0")
+        _require(0 < self.adam_beta2 < 1, "adam_beta2", self.adam_beta2, "must be in (0, 1)")
         _require(0 <= self.warm_start_teacher_fraction <= 1, "warm_start_teacher_fraction",
                  self.warm_start_teacher_fraction, "must be in [0, 1]")
         _require(self.eval_max_new_tokens >= 0, "eval_max_new_tokens", self.eval_max_new_tokens,

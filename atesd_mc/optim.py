@@ -31,7 +31,7 @@ def build_optimizer(ddp_model, train: TrainConfig, par: ParallelConfig, *, lr: f
     cfg = ddp_model.config
     opt_cfg = OptimizerConfig(
         optimizer="adam", lr=lr if lr is not None else train.lr, min_lr=train.min_lr,
-        weight_decay=train.weight_decay, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8,
+        weight_decay=train.weight_decay, adam_beta1=0.9, adam_beta2=train.adam_beta2, adam_eps=1e-8,
         clip_grad=train.clip_grad, bf16=cfg.bf16, params_dtype=cfg.params_dtype,
         use_distributed_optimizer=par.use_distributed_optimizer)
     return get_megatron_optimizer(opt_cfg, [ddp_model])
