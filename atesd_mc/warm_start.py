@@ -80,7 +80,8 @@ def _train(trainer, path: str) -> dict:
     ddp = wrap_ddp(model, p)
     iters = cfg.train.warm_start_iters
     lr = cfg.train.warm_start_lr
-    opt = build_optimizer(ddp, cfg.train, p, lr=lr)
+    # The warm start keeps Adam's standard beta2 whatever the distillation phase uses.
+    opt = build_optimizer(ddp, dataclasses.replace(cfg.train, adam_beta2=0.999), p, lr=lr)
     # Short linear warm-up, cosine down to 10%: what made the teacher's copying form reliably.
     sched = build_scheduler(opt, cfg.train, lr=lr, iters=iters, warmup=min(50, iters // 10), min_lr=0.1 * lr)
     per_rank = (cfg.train.warm_start_batch_size or cfg.train.global_batch_size) // trainer.dp
