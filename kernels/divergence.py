@@ -7,20 +7,25 @@ Layout (Liger/fla style): Triton kernels -> row primitives (Triton or chunked to
 Math, per token n (s = student logits / T, t = teacher logits / T, u = log p_S, lt = log p_T):
 
 * every kind is a sum of per-vocabulary terms ℓ_v(u_v, lt_v); the clipped loss is D = Σ_v min(ℓ_v, c).
-* gradient: with ℓ'_v = ∂ℓ_v/∂u_v, a_v = [ℓ_v ≤ c] and G_v = a_v ℓ'_v, since ∂u_v/∂s_j = δ_vj − p_S,j
+* gradient: with ℓ'_v = ∂ℓ_v/∂u_v, a_v = [ℓ_v ≤ c], G_v = a_v ℓ'_v and ∂u_v/∂s_j = δ_vj − p_S,j,
       ∂D/∂s_j = G_j − p_S,j · Σ_v G_v,
   so a row needs only its two log-normalisers and Σ_v G_v: the forward keeps those O(N) numbers and the
-  backward recomputes G from the logits instead of holding an [N, V] gradient.
+  backward recomputes G from the logits instead of holding an [N, V] gradient. Log-probs are formed as
+  (z − max z)/T − log Σ exp((z − max z)/T), which keeps fp32 accurate for logits of ±1e4.
   forward KL: ℓ = p_T (lt − u), ℓ' = −p_T.   reverse KL: ℓ = p_S (u − lt), ℓ' = p_S (u − lt + 1).
   JSD: log m = logaddexp(log β + lt, log(1−β) + u), ℓ = β p_T (lt − log m) + (1−β) p_S (u − log m),
   ℓ' = (1−β) p_S (u − log m) (the terms through m cancel).
 * vocab parallel: a shard sees V_local columns. Row max and sum-exp are all-reduced (MAX then SUM,
   the two logit sets stacked into one tensor each time), then Σ_v ℓ and Σ_v G are all-reduced
-  together. Per-vocabulary work (clip, the JSD mixture) only needs the global log-sum-exps, so it
-  stays local and the result equals the unsplit computation.
+  together: three all-reduces per forward (per chunk in the fused op), none in the backward.
+  Per-vocabulary work (clip, the JSD mixture) only needs the global normalisers, so it stays local
+  and the result equals the unsplit computation.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -38,8 +43,16 @@ KINDS = ("forward_kl", "reverse_kl", "jsd")
 REDUCTIONS = ("mean", "sum", "none")
 _FWD, _REV, _JSD = 0, 1, 2
 # Rows per torch block: the CPU path works on [rows, V] float32 temporaries of about this many elements
-# (8 MiB each: small enough for glibc to recycle instead of mmap/munmap + page faults on every call).
-TORCH_BLOCK_ELEMS = 1 << 21
+# (4 MiB each: the ~8 live ones stay in the L3 cache across the ~25 elementwise passes, and glibc recycles
+# them instead of mmap/munmap + page faults on every call). On one thread, the row-wise work on
+# 110 x 151,936 logits took about 2x longer with 2^21-element blocks than with 2^18-2^20.
+TORCH_BLOCK_ELEMS = 1 << 20
+# Intra-op threads for the torch row-wise work (None: leave torch's setting alone). Blocks this small are
+# faster on one thread: with two, every one of the ~25 ops per block ends at an OpenMP barrier, and on a
+# shared, loaded machine a descheduled sibling thread stalls each barrier. Measured on the 2-core dev box
+# (load ~4, 110 x 151,936 logits, p50 of 4): 0.13-0.23 s on one thread vs 0.5-1.5 s on two. The matmuls
+# of the fused op run outside this region with all threads.
+TORCH_ROW_THREADS: int | None = 1
 # Widest vocabulary block of one Triton loop iteration (compiled / interpreted: the interpreter pays
 # per iteration, not per element).
 MAX_BLOCK_V = 4096
@@ -70,12 +83,17 @@ class DivergenceSpec:
         return cls(code, float(beta), float(temperature), None if clip is None else float(clip))
 
     def params(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """Scalars as a tensor in the compute dtype (kernel float args would round float64 runs to fp32)."""
-        b = self.beta
-        log_b = torch.log(torch.tensor(b, dtype=torch.float64)).item() if b > 0 else float("-inf")
-        log_1mb = torch.log1p(torch.tensor(-b, dtype=torch.float64)).item() if b < 1 else float("-inf")
-        vals = [1.0 / self.temperature, b, 0.0 if self.clip is None else self.clip, log_b, log_1mb]
-        return torch.tensor(vals, dtype=dtype, device=device)
+        """Kernel scalars (1/T, β, c, log β, log(1−β)) as a tensor in the compute dtype: float kernel
+        arguments would round float64 runs to fp32. Cached, so chunk loops don't copy host->device."""
+        return _params(self, dtype, device)
+
+
+@functools.lru_cache(maxsize=256)
+def _params(spec: DivergenceSpec, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    b = spec.beta
+    vals = [1.0 / spec.temperature, b, 0.0 if spec.clip is None else spec.clip,
+            math.log(b) if b > 0 else float("-inf"), math.log1p(-b) if b < 1 else float("-inf")]
+    return torch.tensor(vals, dtype=dtype, device=device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,7 +144,7 @@ if triton is not None:
             t = tl.load(t_ptr + row * stride_t + idx, mask=msk, other=float("-inf")).to(ACC)
             ms_new = tl.maximum(m_s, tl.max(s, 0))
             mt_new = tl.maximum(m_t, tl.max(t, 0))
-            d_s = d_s * tl.exp((m_s - ms_new)) + tl.sum(tl.exp((s - ms_new) * inv_temp), 0)
+            d_s = d_s * tl.exp((m_s - ms_new) * inv_temp) + tl.sum(tl.exp((s - ms_new) * inv_temp), 0)
             d_t = d_t * tl.exp((m_t - mt_new) * inv_temp) + tl.sum(tl.exp((t - mt_new) * inv_temp), 0)
             m_s = ms_new
             m_t = mt_new
@@ -136,13 +154,18 @@ if triton is not None:
         tl.store(out_ptr + 3 * N + row, d_t)
 
     @triton.jit
-    def _log_probs(s_ptr, t_ptr, norm_ptr, row, N, idx, msk, stride_s, stride_t, inv_temp, ACC: tl.constexpr):
-        """u = (z_s − m_s)/T − log d_s and the same for the teacher (see `merge_stats`)."""
+    def _load_norm(norm_ptr, row, N, ACC: tl.constexpr):
+        """The row's global normaliser (m_s, m_t, log d_s, log d_t), see `merge_stats`."""
+        return (tl.load(norm_ptr + row).to(ACC), tl.load(norm_ptr + N + row).to(ACC),
+                tl.load(norm_ptr + 2 * N + row).to(ACC), tl.load(norm_ptr + 3 * N + row).to(ACC))
+
+    @triton.jit
+    def _log_probs(s_ptr, t_ptr, row, idx, msk, stride_s, stride_t, inv_temp, m_s, m_t, ld_s, ld_t,
+                   ACC: tl.constexpr):
+        """u = (z_s − m_s)/T − log d_s and the same for the teacher (masked lanes: finite junk)."""
         s = tl.load(s_ptr + row * stride_s + idx, mask=msk, other=0.0).to(ACC)
         t = tl.load(t_ptr + row * stride_t + idx, mask=msk, other=0.0).to(ACC)
-        u = (s - tl.load(norm_ptr + row).to(ACC)) * inv_temp - tl.load(norm_ptr + 2 * N + row).to(ACC)
-        lt = (t - tl.load(norm_ptr + N + row).to(ACC)) * inv_temp - tl.load(norm_ptr + 3 * N + row).to(ACC)
-        return u, lt
+        return (s - m_s) * inv_temp - ld_s, (t - m_t) * inv_temp - ld_t
 
     @triton.jit
     def _loss_kernel(s_ptr, t_ptr, norm_ptr, out_ptr, prm_ptr, N, V, stride_s, stride_t,
@@ -152,13 +175,15 @@ if triton is not None:
         inv_temp = tl.load(prm_ptr).to(ACC)
         beta, clip = tl.load(prm_ptr + 1).to(ACC), tl.load(prm_ptr + 2).to(ACC)
         log_b, log_1mb = tl.load(prm_ptr + 3).to(ACC), tl.load(prm_ptr + 4).to(ACC)
+        m_s, m_t, ld_s, ld_t = _load_norm(norm_ptr, row, N, ACC)
         offs = tl.arange(0, BLOCK_V)
         acc_l = tl.zeros([BLOCK_V], ACC)
         acc_g = tl.zeros([BLOCK_V], ACC)
         for start in range(0, V, BLOCK_V):
             idx = start + offs
             msk = idx < V
-            u, lt = _log_probs(s_ptr, t_ptr, norm_ptr, row, N, idx, msk, stride_s, stride_t, inv_temp, ACC)
+            u, lt = _log_probs(s_ptr, t_ptr, row, idx, msk, stride_s, stride_t, inv_temp, m_s, m_t, ld_s, ld_t,
+                               ACC)
             ell, lp = _terms(u, lt, beta, log_b, log_1mb, clip, KIND, HAS_CLIP)
             acc_l += tl.where(msk, ell, 0.0)
             acc_g += tl.where(msk, lp, 0.0)
@@ -176,11 +201,13 @@ if triton is not None:
         log_b, log_1mb = tl.load(prm_ptr + 3).to(ACC), tl.load(prm_ptr + 4).to(ACC)
         sg = tl.load(sg_ptr + row).to(ACC)
         scale = tl.load(scale_ptr + row).to(ACC) * inv_temp
+        m_s, m_t, ld_s, ld_t = _load_norm(norm_ptr, row, N, ACC)
         offs = tl.arange(0, BLOCK_V)
         for start in range(0, V, BLOCK_V):
             idx = start + offs
             msk = idx < V
-            u, lt = _log_probs(s_ptr, t_ptr, norm_ptr, row, N, idx, msk, stride_s, stride_t, inv_temp, ACC)
+            u, lt = _log_probs(s_ptr, t_ptr, row, idx, msk, stride_s, stride_t, inv_temp, m_s, m_t, ld_s, ld_t,
+                               ACC)
             _, lp = _terms(u, lt, beta, log_b, log_1mb, clip, KIND, HAS_CLIP)
             g = (lp - tl.exp(u) * sg) * scale
             tl.store(g_ptr + row * stride_g + idx, g.to(g_ptr.dtype.element_ty), mask=msk)
@@ -237,23 +264,24 @@ def _t_shifted(z: torch.Tensor, m: torch.Tensor, inv_temp: float, inplace: bool 
     return x.mul_(inv_temp) if inv_temp != 1.0 else x
 
 
-def _t_terms(u: torch.Tensor, lt: torch.Tensor, spec: DivergenceSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch twin of the `_terms` Triton function (allocates its outputs, inputs untouched)."""
+def _t_terms(u, lt, ps, pt, spec: DivergenceSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch twin of the Triton `_terms` from log-probs and probabilities; may overwrite `pt` only.
+
+    Written for few passes over memory (the CPU path is bandwidth-bound). JSD takes log m = log(β p_T +
+    (1−β) p_S) directly; m is clamped at the smallest normal float, which only matters where both
+    probabilities underflowed, and there every term carries a zero (or subnormal) factor p."""
     if spec.kind == _FWD:
-        pt = torch.exp(lt)
-        ell = (lt - u).mul_(pt)
+        ell = torch.sub(lt, u).mul_(pt)
         lp = pt.neg_()
     elif spec.kind == _REV:
-        ps = torch.exp(u)
-        r = u - lt
+        r = torch.sub(u, lt)
         ell = r * ps
         lp = r.add_(1.0).mul_(ps)
     else:
         b = spec.beta
-        lm = torch.logaddexp(u + torch.log1p(torch.tensor(-b, dtype=torch.float64)).item(),
-                             lt + torch.log(torch.tensor(b, dtype=torch.float64)).item())
-        lp = (u - lm).mul_(torch.exp(u)).mul_(1.0 - b)
-        ell = lm.neg_().add_(lt).mul_(torch.exp(lt)).mul_(b).add_(lp)
+        lm = torch.lerp(ps, pt, b).clamp_min_(torch.finfo(u.dtype).tiny).log_()
+        lp = torch.sub(u, lm).mul_(ps).mul_(1.0 - b)
+        ell = torch.sub(lt, lm, out=lm).mul_(pt).mul_(b).add_(lp)
     if spec.clip is not None:
         inactive = ell > spec.clip
         ell.masked_fill_(inactive, spec.clip)
@@ -268,25 +296,65 @@ def _row_max(z: torch.Tensor) -> torch.Tensor:
     return z.amax(1).to(acc_dtype(z.dtype))
 
 
-def _t_block(zs, zt, spec: DivergenceSpec, group, scale=None, out=None, inplace=False):
-    """One block of rows end to end: (D, ΣG, norm[4, n]); writes the scaled gradient into `out`.
+def _t_grad_into(out, lp, ps, sg, scale, inv_temp, work):
+    """out = scale_n / T · (lp − p_S ΣG), computed in `work` (a dead buffer, may be `out`) in two passes."""
+    k = (scale.to(lp.dtype) * inv_temp)[:, None]
+    g = torch.mul(lp, k, out=work).addcmul_(ps, -(sg.to(lp.dtype)[:, None] * k))
+    if g is not out:
+        out.copy_(g)
 
-    inplace: `out` is `zs` itself, so a float32/64 `zs` can serve as the working buffer (saves a copy)."""
+
+def _t_stats(zs, zt, inv_temp: float) -> torch.Tensor:
+    """Local stats [4, n] of one block: raw row max and Σ exp((z − max)/T) of both logit sets."""
+    m_s, m_t = _row_max(zs), _row_max(zt)
+    d_s = torch.exp(_t_shifted(zs, m_s, inv_temp)).sum(1)
+    d_t = torch.exp(_t_shifted(zt, m_t, inv_temp)).sum(1)
+    return torch.stack([m_s, m_t, d_s, d_t])
+
+
+def _t_block(zs, zt, spec: DivergenceSpec, scale=None, out=None, scratch=False):
+    """One block of rows end to end, no process group: (D, ΣG, norm[4, n]); writes the scaled gradient
+    into `out`. A single pass: the exponentials of the stats are reused as the probabilities.
+
+    scratch: zs / zt are the caller's temporaries, so float32/64 ones serve as working buffers (no copy)."""
     inv_temp = 1.0 / spec.temperature
     m_s, m_t = _row_max(zs), _row_max(zt)
-    u = _t_shifted(zs, m_s, inv_temp, inplace)
-    lt = _t_shifted(zt, m_t, inv_temp)
-    norm = merge_stats(torch.stack([m_s, m_t, torch.exp(u).sum(1), torch.exp(lt).sum(1)]), group, inv_temp)
-    # u, lt hold (z − m_local)/T: shift by the global max and log-normaliser
-    u.sub_(((norm[0] - m_s) * inv_temp + norm[2])[:, None])
-    lt.sub_(((norm[1] - m_t) * inv_temp + norm[3])[:, None])
-    ell, lp = _t_terms(u, lt, spec)
-    red = all_reduce_sum(torch.stack([ell.sum(1), lp.sum(1)]), group)
+    u = _t_shifted(zs, m_s, inv_temp, scratch)
+    lt = _t_shifted(zt, m_t, inv_temp, scratch)
+    ps, pt = torch.exp(u), torch.exp(lt)  # unnormalised here, rescaled into probabilities below
+    ld_s, ld_t = torch.log(ps.sum(1)), torch.log(pt.sum(1))
+    u.sub_(ld_s[:, None])
+    lt.sub_(ld_t[:, None])
+    ps.mul_(torch.exp(-ld_s)[:, None])
+    pt.mul_(torch.exp(-ld_t)[:, None])
+    ell, lp = _t_terms(u, lt, ps, pt, spec)
+    d, sg = ell.sum(1), lp.sum(1)
     if scale is not None:
-        g = torch.exp(u, out=u).mul_(red[1, :, None]).neg_().add_(lp)
-        g.mul_((scale.to(g.dtype) * inv_temp)[:, None])
-        if g is not out:
-            out.copy_(g)
+        _t_grad_into(out, lp, ps, sg, scale, inv_temp, work=u)
+    return d, sg, torch.stack([m_s, m_t, ld_s, ld_t])
+
+
+def _t_loss_block(zs, zt, norm, spec: DivergenceSpec) -> torch.Tensor:
+    """Local [Σ_v min(ℓ_v, c), Σ_v G_v] of one block from the global normaliser; inputs untouched."""
+    inv_temp = 1.0 / spec.temperature
+    u = _t_shifted(zs, norm[0], inv_temp).sub_(norm[2, :, None])
+    lt = _t_shifted(zt, norm[1], inv_temp).sub_(norm[3, :, None])
+    ell, lp = _t_terms(u, lt, torch.exp(u), torch.exp(lt), spec)
+    return torch.stack([ell.sum(1), lp.sum(1)])
+
+
+def _t_rows_parallel(zs, zt, spec: DivergenceSpec, group, scale, out):
+    """Vocab-parallel torch path, staged like the Triton one so that a call makes exactly three
+    all-reduces whatever the number of blocks: stats -> merge -> loss terms -> sum -> gradient."""
+    blocks = _row_blocks(*zs.shape)
+    with _row_threads():
+        stats = torch.cat([_t_stats(zs[a:b], zt[a:b], 1.0 / spec.temperature) for a, b in blocks], dim=1)
+    norm = merge_stats(stats, group, 1.0 / spec.temperature)
+    with _row_threads():
+        red = torch.cat([_t_loss_block(zs[a:b], zt[a:b], norm[:, a:b], spec) for a, b in blocks], dim=1)
+    red = all_reduce_sum(red, group)
+    if scale is not None:
+        rows_grad(zs, zt, norm, red[1], scale, spec, "torch", out)
     return red[0], red[1], norm
 
 
@@ -294,9 +362,23 @@ def _t_grad_block(zs, zt, norm, sg, scale, spec: DivergenceSpec, out):
     inv_temp = 1.0 / spec.temperature
     u = _t_shifted(zs, norm[0], inv_temp).sub_(norm[2, :, None])
     lt = _t_shifted(zt, norm[1], inv_temp).sub_(norm[3, :, None])
-    _, lp = _t_terms(u, lt, spec)
-    g = torch.exp(u, out=u).mul_(sg[:, None].to(u.dtype)).neg_().add_(lp)
-    out.copy_(g.mul_((scale.to(g.dtype) * inv_temp)[:, None]))
+    ps = torch.exp(u)
+    _, lp = _t_terms(u, lt, ps, torch.exp(lt), spec)
+    _t_grad_into(out, lp, ps, sg, scale, inv_temp, work=u)
+
+
+@contextlib.contextmanager
+def _row_threads():
+    """Run the enclosed torch row-wise work on TORCH_ROW_THREADS intra-op threads (see there)."""
+    old = torch.get_num_threads()
+    if TORCH_ROW_THREADS is None or old == TORCH_ROW_THREADS:
+        yield
+        return
+    torch.set_num_threads(TORCH_ROW_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def _row_blocks(n: int, v: int):
@@ -307,20 +389,23 @@ def _row_blocks(n: int, v: int):
 # ----------------------------------------------------------------------------------------------
 # Row primitives used by both ops: dispatch torch / Triton.
 # ----------------------------------------------------------------------------------------------
-def rows_forward(zs, zt, spec: DivergenceSpec, group, backend: str, scale=None, out=None):
+def rows_forward(zs, zt, spec: DivergenceSpec, group, backend: str, scale=None, out=None, scratch=False):
     """Per-row D (clipped, summed over the full vocabulary), ΣG and the normaliser [4, n] (see
     `merge_stats`) for logits [n, V_local].
 
-    With `scale` [n], also writes scale_n · ∂D_n/∂zs into `out` (may be `zs` itself: in place)."""
+    With `scale` [n], also writes scale_n · ∂D_n/∂zs into `out` (may be `zs` itself: in place).
+    scratch: the caller no longer needs zs / zt, the torch path may overwrite them (the fused op's chunks)."""
     n, v = zs.shape
     acc = acc_dtype(zs.dtype)
     if n == 0:
         empty = torch.zeros(0, dtype=acc, device=zs.device)
         return empty, empty, torch.zeros(4, 0, dtype=acc, device=zs.device)
+    if backend == "torch" and _world(group) > 1:
+        return _t_rows_parallel(zs, zt, spec, group, scale, out)
     if backend == "torch":
-        inplace = out is zs
-        parts = [_t_block(zs[a:b], zt[a:b], spec, group, None if scale is None else scale[a:b],
-                          None if out is None else out[a:b], inplace) for a, b in _row_blocks(n, v)]
+        with _row_threads():
+            parts = [_t_block(zs[a:b], zt[a:b], spec, None if scale is None else scale[a:b],
+                              None if out is None else out[a:b], scratch) for a, b in _row_blocks(n, v)]
         return tuple(torch.cat(p, dim=-1) for p in zip(*parts))
     cfg = _launch_cfg(zs)
     prm = spec.params(acc, zs.device)
@@ -340,8 +425,8 @@ def _launch_grad(zs, zt, norm, sg, scale, spec, out):
     n, v = zs.shape
     acc = acc_dtype(zs.dtype)
     cfg = _launch_cfg(zs)
-    _grad_kernel[(n,)](zs, zt, out, norm.contiguous(), sg.contiguous(), scale.to(acc).contiguous(), spec.params(acc, zs.device),
-                       n, v, zs.stride(0), zt.stride(0), out.stride(0),
+    _grad_kernel[(n,)](zs, zt, out, norm.contiguous(), sg.contiguous(), scale.to(acc).contiguous(),
+                       spec.params(acc, zs.device), n, v, zs.stride(0), zt.stride(0), out.stride(0),
                        KIND=spec.kind, HAS_CLIP=spec.clip is not None, **cfg)
 
 
@@ -351,8 +436,9 @@ def rows_grad(zs, zt, norm, sg, scale, spec: DivergenceSpec, backend: str, out):
     if n == 0:
         return out
     if backend == "torch":
-        for a, b in _row_blocks(n, v):
-            _t_grad_block(zs[a:b], zt[a:b], norm[:, a:b], sg[a:b], scale[a:b], spec, out[a:b])
+        with _row_threads():
+            for a, b in _row_blocks(n, v):
+                _t_grad_block(zs[a:b], zt[a:b], norm[:, a:b], sg[a:b], scale[a:b], spec, out[a:b])
     else:
         _launch_grad(zs, zt, norm, sg, scale, spec, out)
     return out
@@ -393,7 +479,7 @@ def check_common(reduction: str, teacher: tuple, backend: str, device) -> str:
     for name, x in teacher:
         if x is not None and x.requires_grad:
             raise ValueError(f"{name} requires grad: teacher tensors must be detached (gradient flows "
-                             "into the student only); pass {name}.detach()")
+                             f"into the student only); pass {name}.detach()")
     return resolve_backend(backend, device)
 
 

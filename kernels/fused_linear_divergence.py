@@ -29,16 +29,21 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import acc_dtype
-from .divergence import (TORCH_BLOCK_ELEMS, DivergenceSpec, check_common, reduce_rows, reduction_scale,
+from .divergence import (DivergenceSpec, check_common, reduce_rows, reduction_scale,
                          rows_forward, token_weights)
 
-# Triton/CUDA chunks: about this many logits per chunk (2^25 fp32 = 128 MiB), rows a power of two.
+# Logits per token chunk. CPU: 2^24 (64 MiB fp32; about 110 tokens at V = 151,936). A chunk's matmuls stream
+# the whole [V_local, H] weight from memory, so chunks of fewer than ~100 tokens leave CPU BLAS memory-bound
+# (31 GFLOP/s at 13 rows vs 115 at 256 on the 2-core dev machine); the row-wise work inside a chunk runs in
+# blocks of divergence.TORCH_BLOCK_ELEMS, so the chunk's two logit buffers dominate the extra memory.
+# CUDA: 2^25 logits, rows a power of two (>= 16).
+TORCH_CHUNK_ELEMS = 1 << 24
 CUDA_CHUNK_ELEMS = 1 << 25
 
 
 def default_chunk(n: int, v: int, backend: str) -> int:
     if backend == "torch":
-        rows = TORCH_BLOCK_ELEMS // max(1, v)
+        rows = max(16, TORCH_CHUNK_ELEMS // max(1, v))
     else:
         rows = 1 << max(4, (CUDA_CHUNK_ELEMS // max(1, v)).bit_length() - 1)
     return max(1, min(n, rows))
@@ -50,12 +55,18 @@ def _chunked_pass(hs, ht, w_s, w_t, spec, group, backend, chunk, scale, need_h, 
     d = torch.empty(n, dtype=acc_dtype(hs.dtype), device=hs.device)
     gh = torch.empty_like(hs) if scale is not None and need_h else None
     gw = torch.zeros_like(w_s) if scale is not None and need_w else None
+    # two logit buffers reused by every chunk (on CPU, fresh 64 MiB tensors would be mmap'ed and
+    # page-faulted in again for each chunk)
+    rows = min(n, chunk)
+    zs_buf = torch.empty(rows, w_s.shape[0], dtype=torch.result_type(hs, w_s), device=hs.device)
+    zt_buf = torch.empty(rows, w_t.shape[0], dtype=torch.result_type(ht, w_t), device=hs.device)
     for a in range(0, n, chunk):
         b = min(n, a + chunk)
-        zs = hs[a:b] @ w_s.t()
-        zt = ht[a:b] @ w_t.t()
+        zs = torch.mm(hs[a:b], w_s.t(), out=zs_buf[:b - a])
+        zt = torch.mm(ht[a:b], w_t.t(), out=zt_buf[:b - a])
         sc = None if scale is None else scale[a:b]
-        d[a:b] = rows_forward(zs, zt, spec, group, backend, scale=sc, out=None if sc is None else zs)[0]
+        d[a:b] = rows_forward(zs, zt, spec, group, backend, scale=sc, out=None if sc is None else zs,
+                              scratch=True)[0]
         if gh is not None:
             torch.mm(zs, w_s, out=gh[a:b])
         if gw is not None:
@@ -107,7 +118,7 @@ def fused_linear_divergence_loss(student_hidden: torch.Tensor, teacher_hidden: t
     [V_local, H] (this rank's vocabulary shard under `process_group`); teacher_weight None -> the teacher
     uses `weight` (detached). Options as in `divergence_loss`. Gradients for student_hidden and weight
     when they require grad (see the module doc for grad_hidden under a process group); teacher tensors that
-    require grad raise ValueError. chunk_size: tokens per chunk (default: about 2^21 logits per chunk on
+    require grad raise ValueError. chunk_size: tokens per chunk (default: about 2^24 logits per chunk on
     the torch path, 2^25 on CUDA). backend: "auto" | "triton" | "torch" as in divergence_loss.
     """
     backend = check_common(reduction, (("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight)),

@@ -162,9 +162,9 @@ def pack_masked_reference(*, student_prompt: Ragged, teacher_prefix: Ragged, ref
     [student_prompt ; rollout] sequences of a batch into two padding-free streams (see module doc).
 
     All pieces are `Ragged` (or (values, offsets) tuples) over the same batch of B samples; keep [B] int64."""
-    pieces = {name: Ragged(*r) for name, r in dict(student_prompt=student_prompt, teacher_prefix=teacher_prefix,
-                                                   reference=reference, answer=answer, transition=transition,
-                                                   rollout=rollout).items()}
+    given = dict(student_prompt=student_prompt, teacher_prefix=teacher_prefix, reference=reference,
+                 answer=answer, transition=transition, rollout=rollout)
+    pieces = {name: Ragged(r[0], r[1].to(torch.int64)) for name, r in given.items()}
     nb = pieces["rollout"].offsets.numel() - 1
     for name, r in pieces.items():
         if r.offsets.numel() != nb + 1:

@@ -21,6 +21,16 @@ OPTIONS = {
 needs_triton_cpu = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter tests are for CPU hosts")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread for these small shapes: as fast, and on a loaded 2-core machine 5x faster
+    (OpenMP threads wait at every barrier for a descheduled sibling). Imported by the other kernel tests."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     """Max-norm relative error (the loss scalar: plain relative error)."""
     x, ref = x.detach().double().cpu(), ref.detach().double().cpu()
@@ -42,9 +52,11 @@ def make_inputs(n, v, opts, seed=0, scale=3.0, device="cpu"):
 def run_both(zs, zt, dtype, kw, backend, kind, beta, reduction):
     """(loss, grad) of the op on `dtype` inputs and of the float64 oracle on the same (rounded) values."""
     a = zs.to(dtype, copy=True).requires_grad_()  # copies: the op and the oracle must not share .grad
-    out = divergence_loss(a, zt.to(dtype), kind=kind, beta=beta, reduction=reduction, backend=backend, **kw)
+    t = zt.to(dtype, copy=True)
+    out = divergence_loss(a, t, kind=kind, beta=beta, reduction=reduction, backend=backend, **kw)
     g = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7)).to(out.device)
     (out * g.to(out.dtype)).sum().backward()
+    assert torch.equal(a.detach(), zs.to(dtype)) and torch.equal(t, zt.to(dtype))  # inputs left untouched
     b = zs.to(dtype).to(torch.float64, copy=True).requires_grad_()
     ref = divergence_loss_ref(b, zt.to(dtype).double(), kind=kind, beta=beta, reduction=reduction, **kw)
     (ref * g).sum().backward()
@@ -172,12 +184,23 @@ def test_errors(monkeypatch):
             divergence_loss(zs, zt, backend="triton")
 
 
+def test_row_work_restores_thread_count():
+    """The torch path runs its row-wise blocks on TORCH_ROW_THREADS threads and restores the setting."""
+    torch.set_num_threads(2)
+    zs, zt, _ = make_inputs(4, 50, {}, seed=12)
+    divergence_loss(zs.requires_grad_(), zt, backend="torch").backward()
+    assert torch.get_num_threads() == 2 and dv.TORCH_ROW_THREADS == 1
+
+
 def test_auto_backend_is_torch_on_cpu(monkeypatch):
     from atesd_mc.kernels._dispatch import resolve_backend
 
     assert resolve_backend("auto", torch.device("cpu")) == "torch"
     monkeypatch.setenv("ATESD_KERNEL_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # resolve only (nothing launches), also on GPU hosts
     assert resolve_backend("auto", torch.device("cpu")) == "triton"
+    monkeypatch.setenv("ATESD_KERNEL_BACKEND", "torch")
+    assert resolve_backend("auto", torch.device("cuda")) == "torch"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,15 +223,21 @@ N_PAR, V_PAR = 12, 301  # rank 0 holds columns [0, split), rank 1 [split, 301)
 
 def _parallel_rank(cases):
     dv.MAX_BLOCK_V_INTERPRET = 64
+    dv.TORCH_BLOCK_ELEMS = 512  # several torch row blocks per call: still 3 all-reduces in total
+    calls = []
+    all_reduce = dist.all_reduce
+    dist.all_reduce = lambda *a, **k: (calls.append(1), all_reduce(*a, **k))[1]
     out = []
     for i, (backend, dtype, kind, beta, opt, reduction, split) in enumerate(cases):
         cols = slice(0, split) if dist.get_rank() == 0 else slice(split, V_PAR)
         zs, zt, kw = make_inputs(N_PAR, V_PAR, OPTIONS[opt], seed=100 + i)
         a = zs[:, cols].to(dtype).contiguous().requires_grad_()
+        calls.clear()
         loss = divergence_loss(a, zt[:, cols].to(dtype).contiguous(), kind=kind, beta=beta, reduction=reduction,
                                process_group=dist.group.WORLD, backend=backend, **kw)
+        n_forward = len(calls)
         (loss * torch.linspace(0.5, 1.5, loss.numel()).reshape(loss.shape).to(loss.dtype)).sum().backward()
-        out.append((loss.detach(), a.grad))
+        out.append((loss.detach(), a.grad, n_forward, len(calls) - n_forward))
     return out
 
 
@@ -224,6 +253,7 @@ def test_vocab_parallel_two_ranks():
         grad = torch.cat([ranks[0][i][1], ranks[1][i][1]], dim=1)
         for r in range(2):
             assert rel_err(ranks[r][i][0], loss) < tol, (i, r)
+            assert ranks[r][i][2:] == (3, 0), (i, r)  # all-reduces in forward (max, sum-exp, sums), backward
         assert rel_err(grad, a.grad) < tol, i
 
 

@@ -8,7 +8,7 @@ from atesd_mc.kernels import divergence as dv
 from atesd_mc.kernels import fused_linear_divergence_loss
 from atesd_mc.kernels.reference import divergence_loss_ref, fused_linear_divergence_loss_ref
 from harness import run_distributed
-from test_kernel_divergence import KINDS, OPTIONS, needs_triton_cpu, rel_err
+from test_kernel_divergence import KINDS, OPTIONS, needs_triton_cpu, one_thread, rel_err  # noqa: F401
 
 
 def make_inputs(n, h, v, opts, seed=0, h_t=None, device="cpu"):
@@ -36,6 +36,7 @@ def run_both(inputs, dtype, backend, kind, beta, reduction, chunk_size=None, gra
     g = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7)).to(out.device)
     if grad_h or grad_w:
         (out * g.to(out.dtype)).sum().backward()
+    assert torch.equal(a.detach(), hs.to(dtype)) and torch.equal(wa.detach(), w.to(dtype))  # inputs untouched
     b = hs.to(dtype).to(torch.float64, copy=True).requires_grad_()
     wb = w.to(dtype).to(torch.float64, copy=True).requires_grad_()
     ref = fused_linear_divergence_loss_ref(b, ht.to(dtype).double(), wb, cast(cast(w_t, dtype), torch.float64),

@@ -7,7 +7,7 @@ import torch
 
 from atesd_mc.kernels import PackedSequences, Ragged, pack_masked_reference, reveal_lengths
 from atesd_mc.kernels.reference import pack_masked_reference_ref, reveal_lengths_ref
-from test_kernel_divergence import needs_triton_cpu
+from test_kernel_divergence import needs_triton_cpu, one_thread  # noqa: F401
 
 BACKENDS = ["torch", pytest.param("triton", marks=needs_triton_cpu)]
 PIECES = ("student_prompt", "teacher_prefix", "reference", "answer", "transition", "rollout")
