@@ -20,6 +20,8 @@ class SideBatch:
     """[b, s] right-padded token ids."""
     predict_index: torch.Tensor
     """[R] flat index into hidden.view(s*b, h) of the state predicting each rollout token."""
+    lengths: torch.Tensor
+    """[b] real (unpadded) tokens per row; padding is id 0, which may also be a real token."""
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -41,7 +43,7 @@ def _unpack(packed, device) -> SideBatch:
     tokens[row, packed.positions] = packed.tokens
     r_row = torch.searchsorted(cu, packed.rollout_index, right=True) - 1
     r_col = packed.rollout_index - cu[r_row] - 1  # the position that predicts the token
-    return SideBatch(tokens=tokens.to(device), predict_index=(r_col * b + r_row).to(device))
+    return SideBatch(tokens=tokens.to(device), predict_index=(r_col * b + r_row).to(device), lengths=lens)
 
 
 def build_pair(examples, responses: list[list[int]], alpha: float, unit: str,
@@ -74,8 +76,8 @@ def build_side(prompts: list[list[int]], responses: list[list[int]], device) -> 
         tokens[i, : len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
         idx.extend((len(p) - 1 + j) * b + i for j in range(len(r)))
     ids = torch.tensor([t for r in responses for t in r], dtype=torch.long)
-    return SideBatch(tokens=tokens.to(device), predict_index=torch.tensor(idx, dtype=torch.long,
-                                                                          device=device)), ids.to(device)
+    return SideBatch(tokens=tokens.to(device), predict_index=torch.tensor(idx, dtype=torch.long, device=device),
+                     lengths=torch.tensor([len(x) for x in rows])), ids.to(device)
 
 
 def per_sequence_weights(lengths: torch.Tensor, num_sequences: int) -> torch.Tensor:

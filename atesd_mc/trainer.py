@@ -217,8 +217,8 @@ class Trainer:
         conf = sum(float(i["confidence"]) for i in infos)
         cnt = sum(float(i["count"]) for i in infos)
         n_roll = sum(len(r) for r in rollouts.tokens)
-        n_teacher = sum(int((p.teacher.tokens != 0).sum()) for p in pairs)
-        n_student = sum(int((p.student.tokens != 0).sum()) for p in pairs)
+        n_teacher = sum(int(p.teacher.lengths.sum()) for p in pairs)
+        n_student = sum(int(p.student.lengths.sum()) for p in pairs)
         g = self._all_sum([loss_sum, kl, top1, conf, cnt, n_roll, n_teacher, n_student,
                            float(sum(rollouts.finished)), float(len(rollouts.finished))])
         extra = {"mismatch": g[1] / max(g[4], 1), "top1_disagree": g[2] / max(g[4], 1),
@@ -265,8 +265,8 @@ class Trainer:
         from atesd_mc.model.qwen3 import padded_vocab_size
 
         new = [len(r) for r in rollouts.tokens]
-        teacher_ctx = [int((row != 0).sum()) - n for p in pairs for row, n in
-                       zip(p.teacher.tokens.cpu(), p.rollout_lengths.tolist())]
+        teacher_ctx = [int(t) - n for p in pairs for t, n in
+                       zip(p.teacher.lengths.tolist(), p.rollout_lengths.tolist())]
         f = step_flops(self.cfg.model, self.vocab, [len(ex.student) for ex in examples], new, teacher_ctx,
                        padded_vocab=padded_vocab_size(self.vocab, self.cfg.model.make_vocab_size_divisible_by,
                                                       self.info.tp))
