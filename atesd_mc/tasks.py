@@ -48,9 +48,11 @@ def _barrier() -> None:
 
 def _synthetic_dir(cfg: RunConfig, task_cfg) -> str:
     from atesd_mc.data import store as store_mod
+    from atesd_mc.data.templates import TEMPLATE_PHRASES
 
     key = json.dumps({"task": dataclasses.asdict(task_cfg), "vocab": cfg.data.synthetic_vocab_size,
-                      "schema": store_mod.SCHEMA_VERSION}, sort_keys=True)
+                      "phrases": TEMPLATE_PHRASES, "schema": store_mod.SCHEMA_VERSION},
+                     sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return os.path.join(cfg.data.cache_dir, f"synthetic-{digest}")
 
@@ -70,12 +72,14 @@ def build_synthetic(cfg: RunConfig) -> str:
 def _build_synthetic_files(cfg: RunConfig, task_cfg, root: str, done: str) -> None:
     """Tokenizer, then the three stores, then the COMPLETE marker (under the cache lock)."""
     from atesd_mc.data.synthetic import corpus, make_splits
+    from atesd_mc.data.templates import TEMPLATE_PHRASES
 
     if os.path.exists(done):
         return
     os.makedirs(root, exist_ok=True)
     model_path = os.path.join(root, "tokenizer.model")
-    train_sentencepiece(corpus(task_cfg), cfg.data.synthetic_vocab_size, model_path)
+    train_sentencepiece(corpus(task_cfg), cfg.data.synthetic_vocab_size, model_path,
+                        phrases=TEMPLATE_PHRASES)
     tok = SentencePieceTokenizer(model_path)
     splits = make_splits(task_cfg)
     for name in ("train", "probe", "eval"):

@@ -36,6 +36,12 @@ REFERENCE_INTRO = "Here is a reference solution to this problem:"
 TRANSITION = ("After understanding the reference solution and the rationale behind each step, "
               "now articulate your own step-by-step reasoning that derives the same final answer "
               "to the problem below:")
+# The fixed template text as whole phrases: the embedded task's tokenizer makes each one token so a
+# 4-layer model's prompts stay short (student 17 tokens instead of 40, teacher ~40 instead of ~110);
+# with the long spelled-out template the tiny warm-started student copied problem keys wrongly
+# (docs/FINDINGS.md). Real tokenizers are left as they are.
+TEMPLATE_PHRASES = ("Problem: ", BOXED_INSTRUCTION, REFERENCE_INTRO, TRANSITION, "Final answer: ",
+                    "user", "assistant")
 # Private-use characters: cannot occur in real text, survive any chat template unchanged.
 _REF_MARK, _TAIL_MARK = "\ue000", "\ue001"
 TOKEN_DTYPE = np.int32

@@ -289,13 +289,17 @@ def load_tokenizer(path: str) -> Tokenizer:
 
 
 def train_sentencepiece(texts: Iterable[str], vocab_size: int, output_path: str | None = None,
-                        *, model_type: str = "bpe") -> bytes:
+                        *, model_type: str = "bpe", phrases: Iterable[str] = ()) -> bytes:
     """Train a small sentencepiece model in memory; same corpus -> same model bytes.
 
     Lossless by construction (identity normalisation, no whitespace folding, byte fallback) so
-    decode(encode(x)) == x; the chat markers and "\\n" are user-defined symbols. One thread,
-    because multi-threaded training is not byte-deterministic. Writes output_path if given."""
+    decode(encode(x)) == x; the chat markers, "\\n" and every string in `phrases` are
+    user-defined symbols (one token each wherever they occur). One thread, because
+    multi-threaded training is not byte-deterministic. Writes output_path if given."""
     import sentencepiece as spm
+
+    # sentencepiece matches user-defined symbols after escaping spaces to U+2581.
+    phrases = [p.replace(" ", "\u2581") for p in phrases]
 
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
@@ -303,7 +307,7 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, output_path: str 
         model_type=model_type, num_threads=1, normalization_rule_name="identity",
         remove_extra_whitespaces=False, add_dummy_prefix=False, byte_fallback=True,
         character_coverage=1.0, split_digits=True, allow_whitespace_only_pieces=True,
-        user_defined_symbols=[*CHAT_SPECIAL_TOKENS, "\n"], unk_id=0, bos_id=-1, eos_id=-1,
+        user_defined_symbols=[*CHAT_SPECIAL_TOKENS, "\n", *phrases], unk_id=0, bos_id=-1, eos_id=-1,
         pad_id=-1, hard_vocab_limit=False, minloglevel=2)
     model = buf.getvalue()
     if output_path is not None:
