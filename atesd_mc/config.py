@@ -172,8 +172,13 @@ class GenerationConfig:
     """Top-k cut; 0 disables."""
     rollouts_per_prompt: int = 1
     """Rollouts per prompt (GRPO group size)."""
+    inference_engine: str = "auto"
+    """auto | megatron: with auto, rollouts and forward-only passes (teacher, probe NLL) run the
+    plain-torch path of atesd_mc/lean_decode.py when a rank holds the whole model (TP = PP = 1),
+    megatron's layers otherwise; megatron always uses megatron's layers (same numbers to 1e-5)."""
 
     def __post_init__(self) -> None:
+        _choice("inference_engine", self.inference_engine, ("auto", "megatron"))
         _require(self.max_new_tokens > 0, "max_new_tokens", self.max_new_tokens, "must be > 0")
         _require(self.rollout_temperature >= 0, "rollout_temperature", self.rollout_temperature,
                  "must be >= 0 (0 = greedy)")

@@ -15,6 +15,8 @@ import dataclasses
 import torch
 import torch.distributed as dist
 
+from atesd_mc.lean_decode import LeanDecoder, supports
+
 
 @dataclasses.dataclass(kw_only=True, slots=True)
 class SamplingParams:
@@ -24,6 +26,8 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     eos_id: int | None = None
+    engine: str = "auto"
+    """auto: lean_decode when it supports the model; megatron: always megatron's layers."""
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -123,13 +127,17 @@ def generate(model, prompts: list[list[int]], params: SamplingParams,
     real_vocab = inner.real_vocab_size
     done = torch.zeros(b, dtype=torch.bool, device=dev)
     finished = torch.zeros(b, dtype=torch.bool, device=dev)
+    lean = LeanDecoder(inner, b, total) if params.engine == "auto" and supports(inner) else None
     start, pos = 0, int(lens.min())
     try:
         while pos < total:
             chunk = buf[:, start:pos]
-            positions = torch.arange(start, pos, device=dev).expand(b, -1)
-            logits = _stage_forward(model, chunk, positions, ctx, inner.config.hidden_size)
-            ctx.sequence_len_offset += pos - start
+            if lean is not None:
+                logits = lean.forward(chunk, start)
+            else:
+                positions = torch.arange(start, pos, device=dev).expand(b, -1)
+                logits = _stage_forward(model, chunk, positions, ctx, inner.config.hidden_size)
+                ctx.sequence_len_offset += pos - start
             tok = torch.zeros(b, dtype=torch.long, device=dev)
             if logits is not None:
                 tok = sample_next(logits[:, :real_vocab].float(), params, generator)

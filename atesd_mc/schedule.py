@@ -9,6 +9,7 @@ from typing import Callable
 
 import torch
 
+from atesd_mc import lean_decode
 from atesd_mc.batching import SideBatch
 from atesd_mc.model.qwen3 import forward_hidden, unwrap
 
@@ -22,12 +23,19 @@ def selected_hidden(model, hidden: torch.Tensor, side: SideBatch) -> torch.Tenso
     return hidden.reshape(-1, hidden.shape[-1]).index_select(0, side.predict_index)
 
 
-def run(model, sides: list[SideBatch], loss_fn: Callable, *, forward_only: bool) -> list[dict]:
+def run(model, sides: list[SideBatch], loss_fn: Callable, *, forward_only: bool,
+        lean: bool = False) -> list[dict]:
     """Run every micro-batch; loss_fn(selected_hidden [R, h], micro_index) -> (loss, info dict).
 
     Returns the info dicts (last pipeline stage; empty elsewhere). Loss values are scaled by the
-    number of micro-batches here because the schedule divides by it."""
+    number of micro-batches here because the schedule divides by it. lean=True lets a forward-only
+    pass on a whole-model rank skip megatron's layers (lean_decode.full_hidden, same numbers)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    if forward_only and lean and lean_decode.supports(unwrap(model)):
+        with torch.no_grad():
+            return [loss_fn(selected_hidden(model, lean_decode.full_hidden(model, s.tokens), s), i)[1]
+                    for i, s in enumerate(sides)]
 
     n = len(sides)
     order = iter(range(n))

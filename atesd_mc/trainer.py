@@ -41,6 +41,8 @@ class Trainer:
         self.dp = cfg.validate_world(self.info.world_size)
         self.rank0 = self.info.rank == 0
         self.device = distributed.device()
+        # Rollouts and forward-only passes skip megatron's layers where a rank holds the whole model.
+        self.lean = cfg.generation.inference_engine == "auto"
         from atesd_mc import run_state
 
         self.resume_from, finetune = run_state.resume_path(cfg)
@@ -130,7 +132,8 @@ class Trainer:
         g = self.cfg.generation
         return SamplingParams(max_new_tokens=max_new or g.max_new_tokens,
                               temperature=0.0 if greedy else g.rollout_temperature,
-                              top_p=g.top_p, top_k=g.top_k, eos_id=self.tok.eos_id)
+                              top_p=g.top_p, top_k=g.top_k, eos_id=self.tok.eos_id,
+                              engine=g.inference_engine)
 
     def _generator(self, *salt: int) -> torch.Generator:
         """Rollout randomness from (seed, step, dp rank, ...): resumable without saved state."""
@@ -191,7 +194,7 @@ class Trainer:
         with self.teacher.context() as teacher_model:
             h_teacher = [o["h"] for o in schedule.run(
                 teacher_model, [p.teacher for p in pairs],
-                lambda h, i: (h.sum() * 0, {"h": h.detach()}), forward_only=True)]
+                lambda h, i: (h.sum() * 0, {"h": h.detach()}), forward_only=True, lean=self.lean)]
         t.stop("teacher")
         w_s, w_t, valid = self._weights()
         t.start("student")
@@ -315,7 +318,7 @@ class Trainer:
             ids.append(rid)
         infos = schedule.run(unwrap(self.model), sides, lambda h, i: (
             h.sum() * 0, {"nll": sft_loss(h, w, valid, ids[i], torch.ones_like(ids[i], dtype=h.dtype)),
-                          "n": float(len(ids[i]))}), forward_only=True)
+                          "n": float(len(ids[i]))}), forward_only=True, lean=self.lean)
         g = self._all_sum([sum(float(i["nll"]) for i in infos), sum(i["n"] for i in infos)])
         return g[0] / max(g[1], 1)
 
@@ -332,7 +335,7 @@ class Trainer:
             infos = schedule.run(teacher_model, [pair.teacher], lambda h, i: (h.sum() * 0, {
                 "lp": -sft_loss(h, w, valid, pair.rollout_ids,
                                 torch.ones_like(pair.rollout_ids, dtype=h.dtype)),
-                "n": float(len(pair.rollout_ids))}), forward_only=True)
+                "n": float(len(pair.rollout_ids))}), forward_only=True, lean=self.lean)
         g = self._all_sum([sum(float(i["lp"]) for i in infos), sum(i["n"] for i in infos)])
         return g[0] / max(g[1], 1)
 
