@@ -43,8 +43,9 @@ def main(argv=None) -> int:
         print(f"error: unknown method(s) {unknown}; known: {', '.join(METHODS)}", file=sys.stderr)
         return 2
     os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
-    # Seed-major order: the first job of each seed trains the shared warm start (others wait on its lock).
-    todo = [(m, s) for s in range(args.seeds) for m in methods
+    # Method-major order: the first job of each seed trains that seed's shared warm start (later
+    # jobs of the seed wait on its lock), so the warm starts of different seeds run side by side.
+    todo = [(m, s) for m in methods for s in range(args.seeds)
             if read_run(os.path.join(args.out, "runs", f"{m}-s{s}")) is None]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     start, running, failed = time.time(), [], []
