@@ -66,7 +66,7 @@ def _rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 class LeanDecoder:
     """KV-cached forward of an unwrapped GPTModel for `batch` rows and `total` positions."""
 
-    def __init__(self, model, batch: int, total: int):
+    def __init__(self, model, batch: int, total: int, *, cache: bool = True):
         cfg = model.config
         self.model, self.cfg = model, cfg
         self.eps = cfg.layernorm_epsilon
@@ -74,8 +74,8 @@ class LeanDecoder:
                                                   cfg.kv_channels)
         dev, dtype = model.embedding.word_embeddings.weight.device, cfg.params_dtype
         shape = (len(model.decoder.layers), batch, self.groups, total, self.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=dtype, device=dev)
-        self.v_cache = torch.zeros(shape, dtype=dtype, device=dev)
+        self.k_cache = torch.zeros(shape, dtype=dtype, device=dev) if cache else None
+        self.v_cache = torch.zeros(shape, dtype=dtype, device=dev) if cache else None
         freqs = model.rotary_pos_emb(total).reshape(total, -1)  # [total, head_dim], the model's own
         self.cos, self.sin = freqs.cos().to(dtype), freqs.sin().to(dtype)
 
@@ -116,14 +116,20 @@ class LeanDecoder:
         q = _rope(q.transpose(1, 2), cos, sin)  # [b, heads, s, d]
         k = _rope(k.transpose(1, 2), cos, sin)  # [b, groups, s, d]
         end = start + s
-        self.k_cache[i, :, :, start:end] = k
-        self.v_cache[i, :, :, start:end] = v.transpose(1, 2)
-        keys, values = self.k_cache[i, :, :, :end], self.v_cache[i, :, :, :end]
-        if s == 1:
-            mask = None  # one new position sees every cached one
+        if self.k_cache is None:  # one whole-sequence pass: attend to this chunk only
+            keys, values = k, v.transpose(1, 2)
         else:
+            self.k_cache[i, :, :, start:end] = k
+            self.v_cache[i, :, :, start:end] = v.transpose(1, 2)
+            keys, values = self.k_cache[i, :, :, :end], self.v_cache[i, :, :, :end]
+        mask, causal = None, False
+        if s > 1 and keys.shape[2] == s:
+            causal = True  # the chunk attends to itself only: SDPA's fused causal kernel
+        elif s > 1:
             mask = torch.ones(s, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=g != self.heads)
+        # (s == 1: one new position sees every cached one)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,
+                                             enable_gqa=g != self.heads)
         return _linear(attn.linear_proj, out.transpose(1, 2).reshape(b, s, self.heads * d))
 
 
@@ -133,4 +139,4 @@ def full_hidden(model, tokens: torch.Tensor) -> torch.Tensor:
     from atesd_mc.model.qwen3 import unwrap
 
     inner = unwrap(model)
-    return LeanDecoder(inner, *tokens.shape).hidden(tokens, 0).transpose(0, 1).contiguous()
+    return LeanDecoder(inner, *tokens.shape, cache=False).hidden(tokens, 0).transpose(0, 1).contiguous()
