@@ -30,7 +30,8 @@ def supports(model) -> bool:
     from megatron.core import parallel_state as ps
 
     cfg = model.config
-    if ps.get_tensor_model_parallel_world_size() != 1 or ps.get_pipeline_model_parallel_world_size() != 1:
+    if (ps.get_tensor_model_parallel_world_size() != 1 or ps.get_pipeline_model_parallel_world_size() != 1
+            or ps.get_context_parallel_world_size() != 1):
         return False
     if not (model.pre_process and model.post_process) or model.position_embedding_type != "rope":
         return False
@@ -38,8 +39,12 @@ def supports(model) -> bool:
             or cfg.add_qkv_bias or not cfg.qk_layernorm or cfg.num_moe_experts
             or cfg.multi_latent_attention or getattr(cfg, "attention_output_gate", False)):
         return False
-    rope = model.rotary_pos_emb
-    return getattr(rope, "rotary_interleaved", False) is False and cfg.activation_func is F.silu
+    if (getattr(cfg, "softmax_scale", None) is not None or getattr(cfg, "window_size", None) is not None
+            or getattr(cfg, "apply_query_key_layer_scaling", False)):
+        return False
+    rope = model.rotary_pos_emb  # rotary over the whole head (rotary_percent 1), not interleaved
+    return (getattr(rope, "rotary_interleaved", False) is False and 2 * rope.inv_freq.numel() == cfg.kv_channels
+            and cfg.activation_func is F.silu)
 
 
 def _linear(module, x: torch.Tensor) -> torch.Tensor:
