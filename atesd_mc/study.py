@@ -53,7 +53,7 @@ def read_run(run_dir: str) -> dict | None:
             "policy_mean_last": mean_of("policy_mean", tail),
             "reward_mean": statistics.fmean(rewards) if rewards else float("nan"),
             "reward_std": statistics.pstdev(rewards) if len(rewards) > 1 else float("nan"),
-            "decisions": len(rewards), "seconds": ev.get("train_seconds", float("nan")),
+            "updates": len(rewards), "seconds": ev.get("train_seconds", float("nan")),
             "alphas": alphas}
 
 
@@ -96,12 +96,12 @@ def results_markdown(rows: list[dict], command: str, elapsed_s: float, notes: st
             out.append(f"| {a:g} | {statistics.fmean([r['mismatch'] for r in rs]):.4f} | "
                        f"{statistics.fmean([r['top1'] for r in rs]):.4f} |")
     out += ["", "## Learned alpha (ATESD runs)", "",
-            "| run | alpha first 20% | alpha last 20% | policy mean (end) | decisions scored | reward mean | reward std |",
+            "| run | alpha first 20% | alpha last 20% | policy mean (end) | REINFORCE updates | update reward mean | update reward std |",
             "|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["method"].startswith("atesd"):
             out.append(f"| {r['method']} s{r['seed']} | {r['alpha_first']:.3f} | {r['alpha_last']:.3f} | "
-                       f"{r['policy_mean_last']:.3f} | {r['decisions']} | {r['reward_mean']:.4g} | {r['reward_std']:.4g} |")
+                       f"{r['policy_mean_last']:.3f} | {r['updates']} | {r['reward_mean']:.4g} | {r['reward_std']:.4g} |")
     if notes:
         out += ["", notes]
     return "\n".join(out) + "\n"
