@@ -250,7 +250,7 @@ class Bench:
         prompts = self._random(gen, a.batch, a.prompt_len)
         contexts = [p + r for p, r in zip(prompts, self._random(gen, a.batch, a.reference_len))]
         params = SamplingParams(max_new_tokens=a.new_tokens, temperature=g.rollout_temperature, top_p=g.top_p,
-                                top_k=g.top_k, eos_id=None)
+                                top_k=g.top_k, eos_id=None, engine=g.inference_engine)
         with timer("rollout"):
             rollouts = generate(self.ddp, prompts, params, gen).tokens
         assert all(len(r) == a.new_tokens for r in rollouts), "rollouts must have the synthetic length"
@@ -266,7 +266,8 @@ class Bench:
         with timer("teacher"):
             with self.teacher.context() as teacher_model:
                 h_teacher = [o["h"] for o in schedule.run(
-                    teacher_model, teachers, lambda h, i: (h.sum() * 0, {"h": h.detach()}), forward_only=True)]
+                    teacher_model, teachers, lambda h, i: (h.sum() * 0, {"h": h.detach()}), forward_only=True,
+                    lean=g.inference_engine == "auto")]
         w_s = output_weight(self.model)
         w_t = None if self.teacher.module is unwrap(self.model) else output_weight(self.teacher.module)
         _, _, valid = local_vocab_range(self.model, self.info.tp_rank, self.info.tp)
