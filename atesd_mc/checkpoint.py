@@ -167,17 +167,23 @@ def iter_dir(root: str, step: int) -> str:
     return os.path.join(root, f"iter_{step:07d}")
 
 
-def latest_step(root: str) -> int | None:
-    """Step named by the tracker file, or None when there is no checkpoint under root."""
+def read_tracker(root: str) -> int | None:
+    """The step the tracker file names (None: no tracker); CheckpointError if it is not a number."""
     tracker = os.path.join(root, TRACKER)
     if not os.path.exists(tracker):
         return None
     text = open(tracker).read().strip()
     if not text.isdigit():
         raise CheckpointError(f"{tracker}: expected an iteration number, found {text[:40]!r}")
-    step = int(text)
-    if not os.path.isdir(iter_dir(root, step)):
-        raise CheckpointError(f"{tracker}: names iteration {step} but {iter_dir(root, step)} is missing")
+    return int(text)
+
+
+def latest_step(root: str) -> int | None:
+    """Step named by the tracker file, or None when there is no checkpoint under root."""
+    step = read_tracker(root)
+    if step is not None and not os.path.isdir(iter_dir(root, step)):
+        raise CheckpointError(f"{os.path.join(root, TRACKER)}: names iteration {step} but "
+                              f"{iter_dir(root, step)} is missing")
     return step
 
 

@@ -63,6 +63,22 @@ HBM_BYTES_PER_S: dict[str, float] = {
 QKV_TARGETS = ("q", "k", "v")
 
 
+def device_name(device=None) -> str:
+    """The accelerator's name (what the peak tables are keyed on), or "CPU <model> (<n> threads)"."""
+    import platform
+
+    import torch
+
+    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or "cpu"
+    return f"CPU {model} ({torch.get_num_threads()} threads)"
+
+
 def _lookup(table: dict[str, float], device_name: str | None) -> float | None:
     if not device_name:
         return None

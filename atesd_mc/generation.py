@@ -123,11 +123,11 @@ def generate(model, prompts: list[list[int]], params: SamplingParams,
     for i, p in enumerate(prompts):
         buf[i, : len(p)] = torch.tensor(p, dtype=torch.long)
     lens = lens.to(dev)
-    ctx = StaticInferenceContext(b, total)
     real_vocab = inner.real_vocab_size
     done = torch.zeros(b, dtype=torch.bool, device=dev)
     finished = torch.zeros(b, dtype=torch.bool, device=dev)
     lean = LeanDecoder(inner, b, total) if params.engine == "auto" and supports(inner) else None
+    ctx = StaticInferenceContext(b, total) if lean is None else None
     start, pos = 0, int(lens.min())
     try:
         while pos < total:

@@ -30,7 +30,6 @@ import ctypes
 import gc
 import math
 import os
-import platform
 import statistics
 import sys
 import threading
@@ -38,6 +37,7 @@ import time
 
 import torch
 
+from atesd_mc.flops import device_name
 from atesd_mc.kernels import divergence_loss, fused_linear_divergence_loss
 from atesd_mc.kernels.reference import divergence_loss_ref
 
@@ -225,17 +225,6 @@ def measure(provs, inputs, mode, device, warmup, repeats):
         q = statistics.quantiles(ts, n=10, method="inclusive") if len(ts) > 1 else ts * 9
         out[name] = (statistics.median(ts), q[1], q[7], _peak_mib(fn, inputs, mode, device))
     return out
-
-
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or "cpu"
-    return f"{model} ({torch.get_num_threads()} threads)"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -33,7 +33,6 @@ import contextlib
 import csv
 import json
 import os
-import platform
 import sys
 import time
 
@@ -113,19 +112,6 @@ def load_config(args, rest, world: int):
 
 # ------------------------------------------------------------------------------------------------
 # Measurement helpers
-
-
-def device_name() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or "cpu"
-    return f"CPU {model} ({torch.get_num_threads()} threads)"
 
 
 class PeakMemory:
@@ -420,6 +406,8 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from atesd_mc.flops import device_name
+
     dev = device_name()
     oom_error = getattr(torch.cuda, "OutOfMemoryError", MemoryError)
     bench, stage = None, "model build"

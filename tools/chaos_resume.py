@@ -58,7 +58,8 @@ import time
 from dataclasses import dataclass, field
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRACKER = "latest_checkpointed_iteration.txt"
+sys.path.insert(0, ROOT)
+from atesd_mc.checkpoint import TRACKER, iter_dir, read_tracker  # noqa: E402  (CheckpointError is a RuntimeError)
 _ITER = re.compile(r"^iter_(\d{7})(\.tmp)?$")
 
 
@@ -153,16 +154,6 @@ def _scan(run_dir: str) -> dict[str, tuple[int, int]]:
     return out
 
 
-def read_tracker(run_dir: str) -> int | None:
-    path = os.path.join(run_dir, TRACKER)
-    if not os.path.exists(path):
-        return None
-    text = open(path).read().strip()
-    if not text.isdigit():
-        raise RuntimeError(f"{path}: not an iteration number: {text[:40]!r}")
-    return int(text)
-
-
 def _tracker_or_none(run_dir: str) -> int | None:
     """The tracker's step; None when absent or unreadable (checkpoint_problems reports the latter)."""
     try:
@@ -179,7 +170,7 @@ def checkpoint_problems(run_dir: str, world: int) -> list[str]:
         return [str(e)]
     if step is None:
         return []
-    path = os.path.join(run_dir, f"iter_{step:07d}")
+    path = iter_dir(run_dir, step)
     if not os.path.isdir(path):
         return [f"tracker names iteration {step} but {path} is missing"]
     need = ["metadata.json", ".metadata", "common.pt", "trainer_state.pt"] + \
@@ -465,7 +456,7 @@ def load_final_checkpoint(run_dir: str, scratch: str) -> tuple[int, dict]:
     step = read_tracker(run_dir)
     if step is None:
         raise RuntimeError(f"{run_dir}: no {TRACKER}")
-    path = os.path.join(run_dir, f"iter_{step:07d}")
+    path = iter_dir(run_dir, step)
     os.makedirs(scratch, exist_ok=True)
     full = os.path.join(scratch, "full_state.pt")
     dcp_to_torch_save(path, full)
