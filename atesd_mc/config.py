@@ -335,6 +335,13 @@ class TrainConfig:
     """Evaluate held-out accuracy every N steps (0 = only before and after)."""
     warm_start_teacher_fraction: float = 0.75
     """Warm start: share of teacher-format examples (random number of revealed segments)."""
+    train_engine: str = "auto"
+    """auto | lean | megatron: the forward of training passes (student, SFT, GRPO, warm start).
+    lean: the padding-free plain-torch path of atesd_mc/lean_decode.py when a rank holds the whole
+    model (TP = PP = 1), megatron's layers otherwise; megatron: always megatron's layers (TE's fused
+    kernels when installed). auto: lean on CPU, where it measured 1.6x faster, megatron on GPU until
+    tools/gpu_check.sh has measured both. Megatron's schedule, DDP and optimizer run either way
+    (same gradients to float rounding)."""
     eval_samples: int = 4
     """k of the held-out Avg@k (sampled at the rollout temperature); greedy accuracy is separate."""
     eval_max_new_tokens: int = 0
@@ -348,6 +355,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _choice("atesd_algorithm", self.atesd_algorithm, ("atesd", "opsd", "sft", "grpo", "lm"))
+        _choice("train_engine", self.train_engine, ("auto", "lean", "megatron"))
         for name in ("train_iters", "micro_batch_size", "global_batch_size"):
             _require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
         _require(self.global_batch_size % self.micro_batch_size == 0, "global_batch_size",

@@ -160,6 +160,23 @@ def apply_cpu_compat() -> None:
     _CudaToCpuMode().__enter__()  # process-global, never exited
 
 
+def lean_training(engine: str) -> bool:
+    """Whether training passes ask for lean_decode's forward (config TrainConfig.train_engine)."""
+    return engine == "lean" or (engine == "auto" and not cuda_available())
+
+
+@contextlib.contextmanager
+def plain_torch():
+    """Skip torch-function dispatch (the CPU shim's mode) inside: for code made only of plain torch
+    ops on tensors already on the right device (lean_decode's layer stack). The mode's Python hook
+    costs ~3 us on each of the ~150 ops of a decode step; on CUDA there is no mode to skip."""
+    if not _CPU_COMPAT_APPLIED:
+        yield
+        return
+    with torch._C.DisableTorchFunction():
+        yield
+
+
 def model_parallel_seed(seed: int) -> None:
     """Seed torch and megatron's model-parallel RNG streams (CUDA tracker on GPU)."""
     from megatron.core import parallel_state as ps

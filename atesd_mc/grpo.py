@@ -48,7 +48,7 @@ def grpo_step(trainer) -> dict:
 
     t.start("student")
     zero_grads(trainer.ddp, trainer.optimizer)
-    infos = schedule.run(trainer.ddp, sides, loss_fn, forward_only=False)
+    infos = schedule.run(trainer.ddp, sides, loss_fn, forward_only=False, lean=trainer.lean_train)
     t.stop("student")
     tot = trainer._all_sum([sum(float(i["loss"]) for i in infos), float(rewards.sum()), float(n_seq),
                             float(sum(len(r) for r in rollouts.tokens))])

@@ -1,20 +1,29 @@
-"""Rollout forward for one model-parallel rank (TP = PP = 1): the GPTModel's own weights, plain torch.
+"""Plain-torch forward of a whole-model rank (TP = PP = CP = 1) on the GPTModel's own weights.
 
-Why: a decode step of the tiny default model is ~0.3 MFLOP per row, but a step through megatron's
-TransformerLayer / Attention / inference-context code costs ~5 ms of Python per call on CPU (and
-launches dozens of small kernels on GPU). Rollouts were 57% of a CPU training step. This module runs
-the same Qwen3 math (RMSNorm, fused QKV in megatron's per-group layout, QK-norm, RoPE from the
-model's own rotary module, GQA causal attention, SwiGLU, tied or untied output) on the model's
-parameters with a KV cache of plain tensors: about 3x fewer Python calls per layer.
+Why: megatron's TransformerLayer / Attention / inference-context code costs ~5 ms of Python per
+decode step on CPU (dozens of small kernel launches on GPU) for ~0.3 MFLOP of work per row of the
+tiny default model, and its local attention needs right-padded [b, s] batches, so a quarter of the
+warm start's and the student's GEMM work was padding. This module runs the same Qwen3 math
+(RMSNorm, fused QKV in megatron's per-group layout, QK-norm, RoPE from the model's own rotary
+module, GQA causal attention, SwiGLU, tied or untied output) with ~3x fewer Python calls per
+layer, in two layouts:
+
+* `LeanDecoder`: a KV cache of plain tensors for rollouts (generation.py);
+* `packed_selected`: a padding-free stream of all rows of a batch for full-sequence passes, with
+  or without autograd (teacher forward, probe NLL, the student's and the warm start's forward +
+  backward). GEMMs, norms and the MLP see only real tokens; attention alone runs on right-padded
+  rows, gathered and scattered by index (its FLOPs are a few percent of the step here).
 
 Forward hooks on the linear modules (LoRA adapters, see model/lora.py) are honoured, so a LoRA
-student and the lora_off teacher decode as in megatron. Anything else falls back to megatron's
-path (see `supports`); tests compare logits and tokens with it.
+student and the lora_off teacher run as in megatron. Anything else falls back to megatron's path
+(see `supports`); tests compare logits, gradients and sampled tokens with it.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from atesd_mc import distributed
 
 
 def _norm_weight(norm_module, fused_linear) -> torch.Tensor:
@@ -61,28 +70,63 @@ def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
-def _rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Megatron's non-interleaved rotary: t * cos + rotate_half(t) * sin; t [b, heads, s, d]."""
-    half = t.shape[-1] // 2
-    rotated = torch.cat((-t[..., half:], t[..., :half]), dim=-1)
-    return t * cos + rotated * sin
+def _rope(t: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Megatron's non-interleaved rotary t * cos + rotate_half(t) * sin, where rotate_half(t) =
+    [-t2, t1] = roll(t, d/2) * [-1, 1]: the sign lives in signed_sin (one op instead of four)."""
+    return t * cos + t.roll(t.shape[-1] // 2, -1) * signed_sin
+
+
+def _rope_tables(model, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and signed sin [length, 1, 1, head_dim] of the model's own rotary module."""
+    freqs = model.rotary_pos_emb(length).reshape(length, 1, 1, -1)
+    half = freqs.shape[-1] // 2
+    sin = freqs.sin()
+    dtype = model.config.params_dtype
+    return freqs.cos().to(dtype), torch.cat((-sin[..., :half], sin[..., half:]), -1).to(dtype)
+
+
+def _stack(model, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend) -> torch.Tensor:
+    """Every decoder layer and the final norm on x [b, s, h] at rotary tables [s, 1, 1, d].
+
+    attend(layer_index, q [b, s, heads, d], k, v [b, s, groups, d]) -> [b, s, heads * d]."""
+    with distributed.plain_torch():  # plain torch ops only: no CPU-shim dispatch per op
+        for i, layer in enumerate(model.decoder.layers):
+            x = x + _attention(layer.self_attention, layer.input_layernorm, x, cos, sin,
+                               lambda q, k, v: attend(i, q, k, v))
+            mlp = layer.mlp
+            h = _rms(x, _norm_weight(layer.pre_mlp_layernorm, mlp.linear_fc1), model.config.layernorm_epsilon)
+            gate, up = _linear(mlp.linear_fc1, h).chunk(2, dim=-1)
+            x = x + _linear(mlp.linear_fc2, F.silu(gate) * up)
+        return model.decoder.final_layernorm(x)
+
+
+def _attention(attn, norm, x, cos, sin, attend) -> torch.Tensor:
+    cfg = attn.config
+    eps, heads, groups, d = cfg.layernorm_epsilon, cfg.num_attention_heads, cfg.num_query_groups, cfg.kv_channels
+    per = heads // groups
+    b, s, _ = x.shape
+    h = _rms(x, _norm_weight(norm, attn.linear_qkv), eps)
+    # megatron's fused QKV rows: per query group [q_1 .. q_per | k | v]; the group's q heads and
+    # its k head are adjacent, so QK-norm and RoPE run once over all of them.
+    qkv = _linear(attn.linear_qkv, h).view(b, s, groups, per + 2, d)
+    qk_weight = torch.cat((attn.q_layernorm.weight.expand(per, d), attn.k_layernorm.weight[None]))
+    qk = _rope(F.rms_norm(qkv[..., :per + 1, :], (d,), None, eps) * qk_weight, cos, sin)
+    q, k, v = qk[..., :per, :].reshape(b, s, heads, d), qk[..., per, :], qkv[..., per + 1, :]
+    return _linear(attn.linear_proj, attend(q, k, v))
 
 
 class LeanDecoder:
     """KV-cached forward of an unwrapped GPTModel for `batch` rows and `total` positions."""
 
-    def __init__(self, model, batch: int, total: int, *, cache: bool = True):
+    def __init__(self, model, batch: int, total: int):
         cfg = model.config
-        self.model, self.cfg = model, cfg
-        self.eps = cfg.layernorm_epsilon
-        self.heads, self.groups, self.head_dim = (cfg.num_attention_heads, cfg.num_query_groups,
-                                                  cfg.kv_channels)
+        self.model = model
         dev, dtype = model.embedding.word_embeddings.weight.device, cfg.params_dtype
-        shape = (len(model.decoder.layers), batch, self.groups, total, self.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=dtype, device=dev) if cache else None
-        self.v_cache = torch.zeros(shape, dtype=dtype, device=dev) if cache else None
-        freqs = model.rotary_pos_emb(total).reshape(total, -1)  # [total, head_dim], the model's own
-        self.cos, self.sin = freqs.cos().to(dtype), freqs.sin().to(dtype)
+        shape = (len(model.decoder.layers), batch, cfg.num_query_groups, total, cfg.kv_channels)
+        self.k_cache = torch.zeros(shape, dtype=dtype, device=dev)
+        self.v_cache = torch.zeros(shape, dtype=dtype, device=dev)
+        self.cos, self.sin = _rope_tables(model, total)
+        self.gqa = cfg.num_query_groups != cfg.num_attention_heads
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
@@ -95,53 +139,65 @@ class LeanDecoder:
     @torch.no_grad()
     def hidden(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
         """Final-norm hidden states [b, s, h] of tokens [b, s] fed at positions start.."""
-        model = self.model
-        b, s = tokens.shape
-        x = model.embedding.word_embeddings(tokens)  # [b, s, h]
-        cos, sin = self.cos[start:start + s], self.sin[start:start + s]
-        for i, layer in enumerate(model.decoder.layers):
-            x = x + self._attention(i, layer, x, start, cos, sin)
-            mlp = layer.mlp
-            h = _rms(x, _norm_weight(layer.pre_mlp_layernorm, mlp.linear_fc1), self.eps)
-            gate, up = _linear(mlp.linear_fc1, h).chunk(2, dim=-1)
-            x = x + _linear(mlp.linear_fc2, F.silu(gate) * up)
-        return model.decoder.final_layernorm(x)
-
-    def _attention(self, i: int, layer, x, start: int, cos, sin) -> torch.Tensor:
-        attn = layer.self_attention
-        b, s, _ = x.shape
-        g, d = self.groups, self.head_dim
-        per_group = self.heads // g
-        h = _rms(x, _norm_weight(layer.input_layernorm, attn.linear_qkv), self.eps)
-        # megatron's fused QKV rows: per query group [q_1 .. q_{heads/groups} | k | v]
-        qkv = _linear(attn.linear_qkv, h).view(b, s, g, (per_group + 2) * d)
-        q, k, v = qkv.split([per_group * d, d, d], dim=-1)
-        q = _rms(q.reshape(b, s, self.heads, d), attn.q_layernorm.weight, self.eps)
-        k = _rms(k, attn.k_layernorm.weight, self.eps)
-        q = _rope(q.transpose(1, 2), cos, sin)  # [b, heads, s, d]
-        k = _rope(k.transpose(1, 2), cos, sin)  # [b, groups, s, d]
+        s = tokens.shape[1]
         end = start + s
-        if self.k_cache is None:  # one whole-sequence pass: attend to this chunk only
-            keys, values = k, v.transpose(1, 2)
-        else:
-            self.k_cache[i, :, :, start:end] = k
+
+        def attend(i, q, k, v):
+            self.k_cache[i, :, :, start:end] = k.transpose(1, 2)
             self.v_cache[i, :, :, start:end] = v.transpose(1, 2)
             keys, values = self.k_cache[i, :, :, :end], self.v_cache[i, :, :, :end]
-        mask, causal = None, False
-        if s > 1 and keys.shape[2] == s:
-            causal = True  # the chunk attends to itself only: SDPA's fused causal kernel
-        elif s > 1:
-            mask = torch.ones(s, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
-        # (s == 1: one new position sees every cached one)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,
-                                             enable_gqa=g != self.heads)
-        return _linear(attn.linear_proj, out.transpose(1, 2).reshape(b, s, self.heads * d))
+            mask = None  # s == 1: one new position sees every cached one
+            if s > 1 and start > 0:
+                mask = torch.ones(s, end, dtype=torch.bool, device=q.device).tril(diagonal=start)
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
+                                                 is_causal=s > 1 and start == 0, enable_gqa=self.gqa)
+            return out.transpose(1, 2).flatten(2)
+
+        x = self.model.embedding.word_embeddings(tokens)
+        return _stack(self.model, x, self.cos[start:end], self.sin[start:end], attend)
 
 
-def full_hidden(model, tokens: torch.Tensor) -> torch.Tensor:
-    """Forward-only final-norm hidden states [s, b, h] of right-padded tokens [b, s], the layout
-    megatron's forward_hidden returns (causal attention keeps padding out of real positions)."""
-    from atesd_mc.model.qwen3 import unwrap
+class PackedRows:
+    """Right-padded rows [b, width] of real lengths `lengths`, seen as one stream of T tokens."""
 
-    inner = unwrap(model)
-    return LeanDecoder(inner, *tokens.shape, cache=False).hidden(tokens, 0).transpose(0, 1).contiguous()
+    def __init__(self, lengths: torch.Tensor, width: int, device):
+        lengths = lengths.to(device=device, dtype=torch.long)
+        self.b, self.width, self.total = len(lengths), width, int(lengths.sum())
+        self.starts = torch.cumsum(lengths, 0) - lengths  # [b] first stream index of each row
+        row = torch.repeat_interleave(torch.arange(self.b, device=device), lengths)
+        self.positions = torch.arange(self.total, device=device) - self.starts[row]  # [T]
+        self.flat = row * width + self.positions  # [T] index into the row-major [b * width]
+
+    def pad(self, t: torch.Tensor) -> torch.Tensor:
+        """[1, T, n, d] -> [b, n, width, d], zeros after each row's end."""
+        n, d = t.shape[2], t.shape[3]
+        out = t.new_zeros(self.b * self.width, n * d).index_copy(0, self.flat, t.reshape(self.total, n * d))
+        return out.view(self.b, self.width, n, d).transpose(1, 2)
+
+    def attend(self, i: int, q, k, v) -> torch.Tensor:
+        # Causal attention inside each row; padding sits after the real tokens, so no row sees it.
+        out = F.scaled_dot_product_attention(self.pad(q), self.pad(k), self.pad(v), is_causal=True,
+                                             enable_gqa=q.shape[2] != k.shape[2])
+        return out.transpose(1, 2).reshape(self.b * self.width, -1).index_select(0, self.flat)[None]
+
+
+def packed_selected(model, tokens: torch.Tensor, lengths: torch.Tensor,
+                    predict_index: torch.Tensor) -> torch.Tensor:
+    """Final-norm hidden states [R, h] that predict the response tokens of right-padded `tokens`
+    [b, s] with real `lengths` [b]; predict_index [R] indexes megatron's [s, b] layout (s-major),
+    as in schedule.selected_hidden. Differentiable. A Float16Module in the wrapper chain upcasts
+    to float32, as it does megatron's last-stage output."""
+    from megatron.core.transformer.module import Float16Module
+
+    inner, upcast = model, False
+    while hasattr(inner, "module"):  # DDP / Float16Module wrappers
+        upcast = upcast or isinstance(inner, Float16Module)
+        inner = inner.module
+    b, s = tokens.shape
+    rows = PackedRows(lengths, s, tokens.device)
+    x = inner.embedding.word_embeddings(tokens.reshape(-1).index_select(0, rows.flat))[None]
+    cos, sin = _rope_tables(inner, s)
+    hidden = _stack(inner, x, cos[rows.positions], sin[rows.positions], rows.attend)[0]  # [T, h]
+    index = rows.starts[predict_index % b] + torch.div(predict_index, b, rounding_mode="floor")
+    selected = hidden.index_select(0, index)
+    return selected.float() if upcast else selected

@@ -28,14 +28,16 @@ def run(model, sides: list[SideBatch], loss_fn: Callable, *, forward_only: bool,
     """Run every micro-batch; loss_fn(selected_hidden [R, h], micro_index) -> (loss, info dict).
 
     Returns the info dicts (last pipeline stage; empty elsewhere). Loss values are scaled by the
-    number of micro-batches here because the schedule divides by it. lean=True lets a forward-only
-    pass on a whole-model rank skip megatron's layers (lean_decode.full_hidden, same numbers)."""
+    number of micro-batches here because the schedule divides by it. lean=True lets a rank that
+    holds the whole model skip megatron's layers (lean_decode.packed_selected: the same math on
+    the same weights, padding-free); megatron's schedule still runs the backward and the gradient
+    reduction, so DDP, LoRA and the optimizer see no difference."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    if forward_only and lean and lean_decode.supports(unwrap(model)):
+    lean = lean and lean_decode.supports(unwrap(model))
+    if forward_only and lean:
         with torch.no_grad():
-            return [loss_fn(selected_hidden(model, lean_decode.full_hidden(model, s.tokens), s), i)[1]
-                    for i, s in enumerate(sides)]
+            return [loss_fn(_lean_selected(model, s), i)[1] for i, s in enumerate(sides)]
 
     n = len(sides)
     order = iter(range(n))
@@ -43,16 +45,22 @@ def run(model, sides: list[SideBatch], loss_fn: Callable, *, forward_only: bool,
     def step(_, m):
         i = next(order)
         side = sides[i]
+        if lean:
+            return _lean_selected(m, side), lambda out: _scaled(loss_fn(out, i), n)
         hidden = forward_hidden(m, side.tokens)
-
-        def finish(out):
-            loss, info = loss_fn(selected_hidden(m, out, side), i)
-            return loss * n, info
-
-        return hidden, finish
+        return hidden, lambda out: _scaled(loss_fn(selected_hidden(m, out, side), i), n)
 
     seq = max(int(s.tokens.shape[1]) for s in sides)
     mbs = max(int(s.tokens.shape[0]) for s in sides)
     return list(get_forward_backward_func()(
         forward_step_func=step, data_iterator=iter(range(n)), model=[model], num_microbatches=n,
         seq_length=seq, micro_batch_size=mbs, forward_only=forward_only) or [])
+
+
+def _lean_selected(model, side: SideBatch) -> torch.Tensor:
+    return lean_decode.packed_selected(model, side.tokens, side.lengths, side.predict_index)
+
+
+def _scaled(result: tuple, n: int) -> tuple:
+    loss, info = result
+    return loss * n, info

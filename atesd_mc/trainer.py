@@ -43,6 +43,7 @@ class Trainer:
         self.device = distributed.device()
         # Rollouts and forward-only passes skip megatron's layers where a rank holds the whole model.
         self.lean = cfg.generation.inference_engine == "auto"
+        self.lean_train = distributed.lean_training(cfg.train.train_engine)
         from atesd_mc import run_state
 
         self.resume_from, finetune = run_state.resume_path(cfg)
@@ -169,7 +170,7 @@ class Trainer:
         t.start("student")
         zero_grads(self.ddp, self.optimizer)
         infos = schedule.run(self.ddp, sides, lambda h, i: _weighted_sft(h, w, valid, ids[i], weights[i]),
-                             forward_only=False)
+                             forward_only=False, lean=self.lean_train)
         t.stop("student")
         n_tok = float(sum(len(i) for i in ids))
         g = self._all_sum([sum(float(i["loss"]) for i in infos), n_tok])
@@ -208,7 +209,8 @@ class Trainer:
             stats = rollout_statistics(h, h_teacher[i], w_s, w_t, valid)
             return loss, {"loss": loss.detach().clone(), **stats}
 
-        infos = schedule.run(self.ddp, [p.student for p in pairs], loss_fn, forward_only=False)
+        infos = schedule.run(self.ddp, [p.student for p in pairs], loss_fn, forward_only=False,
+                             lean=self.lean_train)
         t.stop("student")
         return self._finish_step(alpha, infos, rollouts, pairs, examples)
 

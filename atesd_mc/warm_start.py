@@ -35,7 +35,8 @@ def cache_path(trainer) -> str:
                       "synthetic": [cfg.data.synthetic_train_size, cfg.data.synthetic_min_steps,
                                     cfg.data.synthetic_max_steps, cfg.data.probe_size],
                       "iters": cfg.train.warm_start_iters, "lr": cfg.train.warm_start_lr,
-                      "batch": cfg.train.warm_start_batch_size, "recipe": 2,
+                      "batch": cfg.train.warm_start_batch_size, "recipe": 3,
+                      "engine": "lean" if trainer.lean_train else "megatron",
                       "mix": cfg.train.warm_start_teacher_fraction, "gbs": cfg.train.global_batch_size,
                       "seed": cfg.train.seed}, sort_keys=True)
     return os.path.join(cfg.data.cache_dir, "warm_start-" + hashlib.sha256(key.encode()).hexdigest()[:12])
@@ -87,7 +88,8 @@ def _train(trainer, path: str) -> dict:
     per_rank = (cfg.train.warm_start_batch_size or cfg.train.global_batch_size) // trainer.dp
     stream = _stream(trainer, cfg.train.seed)
     _, _, valid = local_vocab_range(model, trainer.info.tp_rank, trainer.info.tp)
-    start, losses = time.perf_counter(), []
+    start, final_loss = time.perf_counter(), float("nan")
+    log_every = max(1, iters // 10)
     for it in range(iters):
         batch = [next(stream) for _ in range(per_rank)]
         sides, ids, weights = [], [], []
@@ -100,15 +102,14 @@ def _train(trainer, path: str) -> dict:
         zero_grads(ddp, opt)
         w = output_weight(model)
         infos = schedule.run(ddp, sides, lambda h, i: _sft(h, w, valid, ids[i], weights[i]),
-                             forward_only=False)
+                             forward_only=False, lean=trainer.lean_train)
         optimizer_step(opt, sched)
-        loss = trainer._all_sum([sum(float(i["loss"]) for i in infos)])[0] / trainer.dp
-        losses.append(loss)
-        if (it + 1) % max(1, iters // 10) == 0 or it + 1 == iters:
-            trainer_log(trainer, f"warm start iteration {it + 1}/{iters} | lm loss: {loss:.4f} | "
+        if (it + 1) % log_every == 0 or it + 1 == iters:  # one all-reduce (and sync) per log line
+            final_loss = trainer._all_sum([sum(float(i["loss"]) for i in infos)])[0] / trainer.dp
+            trainer_log(trainer, f"warm start iteration {it + 1}/{iters} | lm loss: {final_loss:.4f} | "
                                  f"elapsed: {time.perf_counter() - start:.1f} s")
     save_sharded(model.sharded_state_dict(), path)
-    return {"iters": iters, "seconds": time.perf_counter() - start, "final_loss": losses[-1]}
+    return {"iters": iters, "seconds": time.perf_counter() - start, "final_loss": final_loss}
 
 
 def _sft(h, w, valid, ids, weights):

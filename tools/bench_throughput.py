@@ -224,7 +224,7 @@ class Bench:
     def step(self, it: int, timer: StageTimer) -> None:
         import torch
 
-        from atesd_mc import schedule
+        from atesd_mc import distributed, schedule
         from atesd_mc.batching import build_side, per_sequence_weights
         from atesd_mc.generation import SamplingParams, generate
         from atesd_mc.losses import distill_loss
@@ -269,7 +269,7 @@ class Bench:
 
         with timer("student"):
             zero_grads(self.ddp, self.optimizer)
-            schedule.run(self.ddp, students, loss_fn, forward_only=False)
+            schedule.run(self.ddp, students, loss_fn, forward_only=False, lean=distributed.lean_training(cfg.train.train_engine))
         with timer("optimizer"):
             optimizer_step(self.optimizer, self.scheduler)
             self.teacher.after_optimizer_step()
