@@ -34,7 +34,23 @@ def build_optimizer(ddp_model, train: TrainConfig, par: ParallelConfig, *, lr: f
         weight_decay=train.weight_decay, adam_beta1=0.9, adam_beta2=train.adam_beta2, adam_eps=1e-8,
         clip_grad=train.clip_grad, bf16=cfg.bf16, params_dtype=cfg.params_dtype,
         use_distributed_optimizer=par.use_distributed_optimizer)
-    return get_megatron_optimizer(opt_cfg, [ddp_model])
+    optimizer = get_megatron_optimizer(opt_cfg, [ddp_model])
+    _fuse_cpu_adam(optimizer)
+    return optimizer
+
+
+def _fuse_cpu_adam(optimizer) -> None:
+    """Without TE/apex, megatron falls back to torch's AdamW, which on CPU updates one tensor at a
+    time (foreach is a CUDA default); its fused CPU kernel does the same update ~3x faster on the
+    tiny model (megatron's own CPU-offload optimizer picks it for that reason). GPU: unchanged."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        adam = getattr(inner, "optimizer", None)
+        if not isinstance(adam, torch.optim.Adam | torch.optim.AdamW) or adam.state:
+            continue
+        params = [p for g in adam.param_groups for p in g["params"]]
+        if params and all(p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64) for p in params):
+            for group in adam.param_groups:
+                group["foreach"], group["fused"] = False, True
 
 
 def build_scheduler(optimizer, train: TrainConfig, *, lr: float | None = None, iters: int | None = None,
