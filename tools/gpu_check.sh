@@ -11,8 +11,9 @@
 #   5. tools/bench_kernels.py: fused vs naive output-layer divergence, N=8192, H=4096, V=151,936, bf16
 #   6. tools/bench_throughput.py: qwen3_1p7b, TP=1 (rollout / teacher / student / optimizer)
 #   7. tools/bench_throughput.py: qwen3_8b, TP=1, when the GPU has >= 70 GiB (OOM is reported, not fatal);
-#      then qwen3_1p7b again with --inference-engine megatron (rollouts through megatron's layers
-#      instead of atesd_mc/lean_decode.py) if the budget allows
+#      then qwen3_1p7b again with both engines swapped (--inference-engine megatron: rollouts through
+#      megatron's layers; --train-engine lean: the student through atesd_mc/lean_decode.py) if the
+#      budget allows
 #   8. summary table (also summary.md / summary.json)
 #
 # Every step runs under `timeout` with what is left of the budget, so the summary always prints.
@@ -232,9 +233,11 @@ PYEOF
     step throughput_tiny_lora 120 "$PY" tools/bench_throughput.py --model tiny --tp 1 --batch 2 --prompt-len 8 \
       --reference-len 8 --new-tokens 8 --steps 2 --warmup 1 --threads 1 --label tiny_lora_bf16 --lora-rank 8 \
       --lora-alpha 16 --untie-embeddings-and-output-weights --params-dtype bf16 --csv "$OUTDIR/throughput.csv" --json "$OUTDIR/throughput_tiny_lora.json"
-    step throughput_tiny_megatron_decode 120 "$PY" tools/bench_throughput.py --model tiny --tp 1 --batch 2 \
-      --prompt-len 8 --reference-len 8 --new-tokens 8 --steps 2 --warmup 1 --threads 1 --label tiny_megatron_decode \
-      --inference-engine megatron --csv "$OUTDIR/throughput.csv" --json "$OUTDIR/throughput_tiny_megatron.json"
+    # stands in for the swapped-engine 1.7B run (on CPU auto is lean for both, so swapped = megatron)
+    step throughput_tiny_swapped_engines 120 "$PY" tools/bench_throughput.py --model tiny --tp 1 --batch 2 \
+      --prompt-len 8 --reference-len 8 --new-tokens 8 --steps 2 --warmup 1 --threads 1 --label tiny_swapped_engines \
+      --inference-engine megatron --train-engine megatron --csv "$OUTDIR/throughput.csv" \
+      --json "$OUTDIR/throughput_tiny_swapped.json"
   else
     step throughput_qwen3_1p7b 180 "$PY" tools/bench_throughput.py --model qwen3_1p7b --tp 1 --batch 8 \
       --prompt-len 256 --reference-len 512 --new-tokens 256 --steps 3 --warmup 1 --allow-oom \
@@ -250,11 +253,13 @@ PYEOF
         --prompt-len 256 --reference-len 512 --new-tokens 256 --steps 2 --warmup 1 --allow-oom \
         --csv "$OUTDIR/throughput.csv" --json "$OUTDIR/throughput_qwen3_8b.json"
     fi
-    # last, with what is left: the 1.7B rollout through megatron's layers instead of lean_decode
-    step throughput_qwen3_1p7b_megatron_decode 120 "$PY" tools/bench_throughput.py --model qwen3_1p7b --tp 1 \
+    # last, with what is left: the 1.7B with both engines swapped against auto on GPU, i.e. the
+    # rollout through megatron's layers instead of lean_decode and the student's forward + backward
+    # through lean_decode's padding-free path instead of megatron's (TE) layers
+    step throughput_qwen3_1p7b_swapped_engines 120 "$PY" tools/bench_throughput.py --model qwen3_1p7b --tp 1 \
       --batch 8 --prompt-len 256 --reference-len 512 --new-tokens 256 --steps 2 --warmup 1 --allow-oom \
-      --label qwen3_1p7b_megatron_decode --inference-engine megatron \
-      --csv "$OUTDIR/throughput.csv" --json "$OUTDIR/throughput_qwen3_1p7b_megatron.json"
+      --label qwen3_1p7b_swapped_engines --inference-engine megatron --train-engine lean \
+      --csv "$OUTDIR/throughput.csv" --json "$OUTDIR/throughput_qwen3_1p7b_swapped.json"
   fi
 
   # 8. summary (last)
