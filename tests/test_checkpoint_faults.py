@@ -20,6 +20,8 @@ import pytest
 
 from harness import run_distributed
 
+from atesd_mc.checkpoint import TRACKER
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location("chaos_resume", os.path.join(ROOT, "tools", "chaos_resume.py"))
 chaos = sys.modules.setdefault("chaos_resume", importlib.util.module_from_spec(_spec))
@@ -211,8 +213,8 @@ CASES = {
                                f"{IT}/trainer_state.pt", None),
     "trainer_state_missing": (lambda r: os.remove(r / IT / "trainer_state.pt"), f"{IT}/trainer_state.pt", None),
     "rng_truncated": (lambda r: _truncate(r / IT / "rng_rank0.pt", 500), f"{IT}/rng_rank0.pt", None),
-    "tracker_garbage": (lambda r: (r / chaos.TRACKER).write_text("abc!\n"), chaos.TRACKER, None),
-    "tracker_empty": (lambda r: (r / chaos.TRACKER).write_text(""), chaos.TRACKER, None),
+    "tracker_garbage": (lambda r: (r / TRACKER).write_text("abc!\n"), TRACKER, None),
+    "tracker_empty": (lambda r: (r / TRACKER).write_text(""), TRACKER, None),
     "iter_dir_missing": (lambda r: shutil.rmtree(r / IT), IT, None),
     "metadata_json_garbage": (lambda r: (r / IT / "metadata.json").write_text("{garbage"), f"{IT}/metadata.json",
                               NO_FILE_NAMED),
@@ -287,4 +289,4 @@ def test_cli_unreadable_checkpoint_prints_no_traceback(tmp_path, good_checkpoint
     assert out.returncode != 0
     assert "Traceback" not in out.stderr, out.stderr[-3000:]
     last = [x for x in out.stderr.splitlines() if x.strip()][-1]
-    assert last.startswith("error") and str(run / chaos.TRACKER) in last, last
+    assert last.startswith("error") and str(run / TRACKER) in last, last

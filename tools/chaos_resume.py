@@ -21,31 +21,19 @@ uninterrupted run of the same command ends.
    After each kill the run directory is inspected: a kill landed *inside a save* when the save it
    interrupted is not the one the tracker names (its ``.tmp`` is still there, or it was renamed
    but the tracker was not yet updated). The tracker must always name a complete checkpoint.
-3. Comparison, bitwise:
-   * metrics.jsonl: a killed launch may have logged steps after its last checkpoint; the resumed
-     launch re-runs and re-appends them. The comparison uses the *final pass*: the last record
-     of each step in file order (what the launch that got past that step wrote). Every step
-     1..N must be present; every superseded record must equal the final one too (a re-run step
-     reproduces the killed one). Records are compared field by field as JSON (all fields but
-     the wall-clock ``time``), so losses and alphas are compared exactly. A line torn by a kill
-     (no newline) is skipped and counted.
-   * final checkpoint: every tensor of the torch_dist checkpoint (model, teacher, optimizer),
-     read with torch.distributed.checkpoint without a process group, common.pt, the trainer
-     state (config paths aside) and every rank's RNG file, byte for byte.
-   * eval.json: held-out accuracies before and after.
+3. Comparison, bitwise (tools/compare_runs.py, also a command of its own): metrics.jsonl (final
+   pass: the last record of each step, since a killed launch may have logged steps after its last
+   checkpoint that the resumed launch re-ran; superseded records must equal the final ones), every
+   byte of the final checkpoint (model, teacher, optimizer, trainer state, RNG files) and eval.json.
 
 Prints a summary and exits 1 on any mismatch, a failed launch (a resume that does not start is a
 finding) or fewer kills inside a save than --min-save-kills; exits 2 on bad arguments.
-Extra trainer flags go after ``--`` (they are passed to both runs).
-
-``--bad-inputs --workdir DIR`` instead runs the CLI once per kind of bad input (config, data,
-checkpoint, flags) and prints a markdown table of its exit status and first/last stderr lines
-(the table in docs/RELIABILITY.md)."""
+Extra trainer flags go after ``--`` (they are passed to both runs). The bad-input table of
+docs/RELIABILITY.md comes from tools/bad_inputs.py."""
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import re
@@ -59,7 +47,11 @@ from dataclasses import dataclass, field
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from atesd_mc.checkpoint import TRACKER, iter_dir, read_tracker  # noqa: E402  (CheckpointError is a RuntimeError)
+from atesd_mc.checkpoint import iter_dir, read_tracker  # noqa: E402  (CheckpointError is a RuntimeError)
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from compare_runs import compare_checkpoints, compare_eval, compare_metrics, read_metrics  # noqa: E402,F401 (tests use read_metrics here)
+
 _ITER = re.compile(r"^iter_(\d{7})(\.tmp)?$")
 
 
@@ -347,162 +339,6 @@ def _classify(kill: Kill, run_dir: str, stale: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# Comparing the two runs
-
-
-def read_metrics(path: str) -> tuple[dict[int, dict], dict]:
-    """Final pass of metrics.jsonl (last record per step) and what was found on the way."""
-    final: dict[int, dict] = {}
-    earlier: dict[int, list[dict]] = {}
-    torn = total = 0
-    with open(path, "rb") as f:
-        data = f.read()
-    for line in data.split(b"\n"):
-        if not line.strip():
-            continue
-        total += 1
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            # a line torn by a kill; the next launch appended right after it
-            torn += 1
-            tail = line.rfind(b'{"step"')
-            if tail <= 0:
-                continue
-            try:
-                rec = json.loads(line[tail:])
-            except ValueError:
-                continue
-        step = int(rec["step"])
-        if step in final:
-            earlier.setdefault(step, []).append(final[step])
-        final[step] = rec
-    return final, {"lines": total, "torn": torn, "rerun_steps": sorted(earlier), "earlier": earlier}
-
-
-def _comparable(rec: dict) -> str:
-    return json.dumps({k: v for k, v in rec.items() if k != "time"}, sort_keys=True)
-
-
-def compare_metrics(a_path: str, b_path: str, iters: int) -> dict:
-    a, a_info = read_metrics(a_path)
-    b, b_info = read_metrics(b_path)
-    problems = []
-    for name, recs, info in (("A", a, a_info), ("B", b, b_info)):
-        if sorted(recs) != list(range(1, iters + 1)):
-            missing = sorted(set(range(1, iters + 1)) - set(recs))
-            problems.append(f"run {name}: steps {missing[:10]} missing from metrics.jsonl")
-    if a_info["rerun_steps"]:
-        problems.append(f"run A (uninterrupted) logged steps twice: {a_info['rerun_steps'][:10]}")
-    rerun_mismatch = [s for s, olds in b_info["earlier"].items()
-                      if any(_comparable(o) != _comparable(b[s]) for o in olds)]
-    if rerun_mismatch:
-        problems.append(f"run B: re-run steps differ from their killed first run: {rerun_mismatch[:10]}")
-    steps = sorted(set(a) & set(b))
-    differ = [s for s in steps if _comparable(a[s]) != _comparable(b[s])]
-    alpha_differ = [s for s in steps if a[s].get("alpha") != b[s].get("alpha")]
-    dloss = [abs(a[s]["loss"] - b[s]["loss"]) for s in steps
-             if isinstance(a[s]["loss"], float) and isinstance(b[s]["loss"], float)
-             and math.isfinite(a[s]["loss"]) and math.isfinite(b[s]["loss"])]
-    if differ:
-        s = differ[0]
-        fields = [k for k in set(a[s]) | set(b[s]) if k != "time" and
-                  json.dumps(a[s].get(k)) != json.dumps(b[s].get(k))]
-        problems.append(f"{len(differ)} steps differ between A and B (first: step {s}, fields {sorted(fields)})")
-    return {"steps_compared": len(steps), "steps_differ": differ, "alpha_differ": alpha_differ,
-            "max_abs_dloss": max(dloss) if dloss else 0.0, "b_lines": b_info["lines"],
-            "b_torn_lines": b_info["torn"], "b_rerun_steps": len(b_info["rerun_steps"]),
-            "b_rerun_consistent": not rerun_mismatch, "problems": problems}
-
-
-def _flatten(obj, prefix: str, out: dict) -> dict:
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            _flatten(v, f"{prefix}{k}/", out)
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            _flatten(v, f"{prefix}{i}/", out)
-    else:
-        out[prefix.rstrip("/")] = obj
-    return out
-
-
-def _same(x, y) -> bool:
-    import torch
-
-    if torch.is_tensor(x) or torch.is_tensor(y):
-        if not (torch.is_tensor(x) and torch.is_tensor(y)):
-            return False
-        if x.dtype != y.dtype or x.shape != y.shape:
-            return False
-        xb = x.detach().cpu().contiguous().reshape(-1)
-        yb = y.detach().cpu().contiguous().reshape(-1)
-        if xb.dtype == torch.bool:
-            return torch.equal(xb, yb)
-        return torch.equal(xb.view(torch.uint8), yb.view(torch.uint8))  # bitwise, NaN included
-    if isinstance(x, float) and isinstance(y, float):
-        return x.hex() == y.hex() if not (math.isnan(x) and math.isnan(y)) else True
-    return type(x) is type(y) and x == y
-
-
-def load_final_checkpoint(run_dir: str, scratch: str) -> tuple[int, dict]:
-    """Everything in the checkpoint the tracker names, as one flat {name: value} dict.
-
-    The torch_dist part is read with torch.distributed.checkpoint (no process group, any layout:
-    tensors come back whole) through dcp_to_torch_save into a scratch file."""
-    import torch
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    step = read_tracker(run_dir)
-    if step is None:
-        raise RuntimeError(f"{run_dir}: no {TRACKER}")
-    path = iter_dir(run_dir, step)
-    os.makedirs(scratch, exist_ok=True)
-    full = os.path.join(scratch, "full_state.pt")
-    dcp_to_torch_save(path, full)
-    flat = _flatten(torch.load(full, weights_only=True), "dist/", {})
-    os.remove(full)
-    flat.update(_flatten(torch.load(os.path.join(path, "common.pt"), weights_only=True), "common/", {}))
-    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True)
-    config = state.pop("config", {})
-    for key in ("save", "load"):
-        config.get("checkpoint", {}).pop(key, None)  # the run directory differs, by design
-    flat.update(_flatten(state, "trainer_state/", {}))
-    flat.update(_flatten(config, "trainer_state/config/", {}))
-    for name in sorted(os.listdir(path)):
-        if name.startswith("rng_rank") and name.endswith(".pt"):
-            flat.update(_flatten(torch.load(os.path.join(path, name), weights_only=True), f"{name}/", {}))
-    return step, flat
-
-
-def compare_checkpoints(a_dir: str, b_dir: str, scratch: str) -> dict:
-    a_step, a = load_final_checkpoint(a_dir, os.path.join(scratch, "A"))
-    b_step, b = load_final_checkpoint(b_dir, os.path.join(scratch, "B"))
-    only = sorted(set(a) ^ set(b))
-    differ = sorted(k for k in set(a) & set(b) if not _same(a[k], b[k]))
-    weights = sorted(k for k in set(a) | set(b) if k.startswith("dist/") and not k.startswith("dist/optimizer."))
-    import torch
-
-    n_tensors = sum(1 for k in a if torch.is_tensor(a[k]))
-    weights_equal = a_step == b_step and bool(weights) and all(k in a and k in b and _same(a[k], b[k])
-                                                               for k in weights)
-    return {"a_step": a_step, "b_step": b_step, "entries": len(a), "tensors": n_tensors,
-            "weight_tensors": sum(1 for k in weights if torch.is_tensor(a[k])),
-            "weights_equal": weights_equal, "all_equal": a_step == b_step and not only and not differ,
-            "differ": differ[:20], "only_one_side": only[:20]}
-
-
-def compare_eval(a_dir: str, b_dir: str) -> list[str]:
-    keys = ("before", "before_sampled", "after", "after_sampled")
-    try:
-        a = json.load(open(os.path.join(a_dir, "eval.json")))
-        b = json.load(open(os.path.join(b_dir, "eval.json")))
-    except (OSError, ValueError) as e:
-        return [f"eval.json: {e}"]
-    return [f"eval.json {k}: A {a.get(k)} != B {b.get(k)}" for k in keys if a.get(k) != b.get(k)]
-
-
-# ------------------------------------------------------------------------------------------------
 # The experiment
 
 
@@ -686,129 +522,6 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
-# ------------------------------------------------------------------------------------------------
-# The bad-input table (--bad-inputs): what the CLI prints for each kind of bad input
-
-
-def _first_last(text: str) -> tuple[str, str]:
-    lines = [x.rstrip() for x in text.splitlines() if x.strip()]
-    return (lines[0], lines[-1]) if lines else ("", "")
-
-
-def bad_inputs(workdir: str, threads: int = 1) -> list[dict]:
-    """Run the CLI once per bad input; returns [{group, case, rc, first, last, tracebacks}], stderr
-    lines with the work directory shown as WORK."""
-    import yaml
-
-    workdir = os.path.abspath(workdir)
-    shutil.rmtree(workdir, ignore_errors=True)
-    os.makedirs(workdir)
-    env = child_env(threads)
-    cache = os.path.join(workdir, "cache")
-
-    def cmd(run, *extra, iters=2):
-        return trainer_command(os.path.join(workdir, run), cache, iters=iters, world=1, save_interval=0,
-                               warm_start_iters=0, seed=1234, extra=list(extra))
-
-    # a good checkpoint (iteration 1) and the synthetic store with its tokenizer
-    good = subprocess.run(cmd("good", iters=1), capture_output=True, text=True, env=env, cwd=workdir)
-    if good.returncode != 0:
-        raise RuntimeError(f"the good run failed: {good.stderr[-2000:]}")
-    synth = next(os.path.join(cache, d) for d in sorted(os.listdir(cache)) if d.startswith("synthetic-")
-                 and os.path.isdir(os.path.join(cache, d)))
-    other_cache = os.path.join(workdir, "cache_other")
-    build = ("import sys; sys.path.insert(0, {root!r}); from atesd_mc.config import parse_config; "
-             "from atesd_mc.tasks import build_synthetic; print(build_synthetic(parse_config("
-             "['--synthetic-vocab-size', '400', '--synthetic-train-size', '600', '--cache-dir', {cache!r}])))")
-    other = subprocess.run([sys.executable, "-c", build.format(root=ROOT, cache=other_cache)], capture_output=True,
-                           text=True, env=env, cwd=workdir)
-    if other.returncode != 0:
-        raise RuntimeError(f"building the second tokenizer failed: {other.stderr[-2000:]}")
-    other_tok = os.path.join(other.stdout.strip().splitlines()[-1], "tokenizer.model")
-
-    base_yaml = yaml.safe_load(open(os.path.join(ROOT, "examples", "tiny_arith.yaml")))
-
-    def yaml_with(name, section, key, value):
-        data = json.loads(json.dumps(base_yaml))
-        data.setdefault(section, {})[key] = value
-        path = os.path.join(workdir, name + ".yaml")
-        with open(path, "w") as f:
-            yaml.safe_dump(data, f)
-        return path
-
-    def with_config(c, path):
-        c = list(c)
-        c[c.index("--config") + 1] = path
-        return c
-
-    def damaged(run, damage):
-        shutil.copytree(os.path.join(workdir, "good"), os.path.join(workdir, run))
-        damage(os.path.join(workdir, run, "iter_0000001"))
-        return cmd(run)
-
-    def truncate(path, size):
-        with open(path, "r+b") as f:
-            f.truncate(size)
-
-    def overwrite(path, offset, data):
-        with open(path, "r+b") as f:
-            f.seek(offset)
-            f.write(data)
-
-    def tracker_garbage(it):
-        with open(os.path.join(os.path.dirname(it), TRACKER), "w") as f:
-            f.write("abc!\n")
-
-    shard = lambda it: os.path.join(it, "__0_0.distcp")
-    cases = [
-        ("config", "unknown key (model.hidden_sise)",
-         lambda: with_config(cmd("c1"), yaml_with("unknown_key", "model", "hidden_sise", 64))),
-        ("config", "wrong type (model.num_attention_heads: four)",
-         lambda: with_config(cmd("c2"), yaml_with("wrong_type", "model", "num_attention_heads", "four"))),
-        ("config", "impossible TP (--tensor-model-parallel-size 3, world 1)",
-         lambda: cmd("c3", "--tensor-model-parallel-size", "3")),
-        ("data", "missing --data-path store", lambda: cmd("d1", "--data-path", os.path.join(workdir, "no_store"),
-                                                          "--tokenizer", os.path.join(synth, "tokenizer.model"))),
-        ("data", "store from another tokenizer", lambda: cmd("d2", "--data-path", os.path.join(synth, "train"),
-                                                             "--tokenizer", other_tok)),
-        ("checkpoint", "truncated trainer_state.pt",
-         lambda: damaged("k1", lambda it: truncate(os.path.join(it, "trainer_state.pt"), 1000))),
-        ("checkpoint", "truncated .distcp shard", lambda: damaged("k2", lambda it: truncate(shard(it), 4096))),
-        ("checkpoint", "tampered .distcp header (24 bytes at offset 10)",
-         lambda: damaged("k3", lambda it: overwrite(shard(it), 10, b"X" * 24))),
-        ("checkpoint", "tampered .distcp payload (4 KiB mid-file, same size)",
-         lambda: damaged("k4", lambda it: overwrite(shard(it), os.path.getsize(shard(it)) // 2,
-                                                    bytes(range(256)) * 16))),
-        ("checkpoint", "tracker garbage (abc!)", lambda: damaged("k5", tracker_garbage)),
-        ("checkpoint", "tracker names a missing iter dir", lambda: damaged("k6", shutil.rmtree)),
-        ("flags", "unknown flag (--no-such-flag 1)", lambda: cmd("f1", "--no-such-flag", "1")),
-        ("flags", "bad value (--lr abc)", lambda: cmd("f2", "--lr", "abc")),
-        ("flags", "out-of-range value (--micro-batch-size 0)", lambda: cmd("f3", "--micro-batch-size", "0")),
-    ]
-    rows = []
-    for group, case, make in cases:
-        out = subprocess.run(make(), capture_output=True, text=True, env=env, cwd=workdir, timeout=600)
-        first, last = _first_last(out.stderr)
-        short = lambda x: x.replace(workdir, "WORK").replace(ROOT, "ROOT")
-        rows.append({"group": group, "case": case, "rc": out.returncode, "first": short(first),
-                     "last": short(last), "tracebacks": out.stderr.count("Traceback"),
-                     "stderr_lines": len([x for x in out.stderr.splitlines() if x.strip()])})
-    return rows
-
-
-def bad_inputs_markdown(rows: list[dict], width: int = 240) -> str:
-    def cell(x):
-        x = x if len(x) <= width else x[:width] + " ..."
-        return "`" + x.replace("|", "\\|").replace("`", "'") + "`" if x else ""
-
-    out = ["| input | bad input | exit | stderr lines (tracebacks) | first stderr line | last stderr line |",
-           "|---|---|---|---|---|---|"]
-    for r in rows:
-        out.append(f"| {r['group']} | {r['case']} | {r['rc']} | {r['stderr_lines']} ({r['tracebacks']}) | "
-                   f"{cell(r['first'])} | {cell(r['last']) if r['last'] != r['first'] else '(same)'} |")
-    return "\n".join(out)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -827,22 +540,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--launch-timeout", type=float, default=900, help="seconds one launch may take")
     p.add_argument("--json", default="", help="also write the summary as JSON here")
     p.add_argument("--quiet", action="store_true", help="print only the summary")
-    p.add_argument("--bad-inputs", action="store_true",
-                   help="instead: run the CLI on each kind of bad input (config, data, checkpoint, flags) "
-                        "and print a markdown table of what it prints (WORKDIR is wiped)")
     p.add_argument("extra", nargs="*", help="after --: more trainer flags, passed to both runs")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.bad_inputs:
-        rows = bad_inputs(args.workdir, args.threads)
-        print(bad_inputs_markdown(rows), flush=True)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(rows, f, indent=2)
-        return 0
     if args.kills < 0 or args.iters < 2 or args.save_interval < 0:
         print("error: need --kills >= 0, --iters >= 2, --save-interval >= 0", file=sys.stderr)
         return 2
