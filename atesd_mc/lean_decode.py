@@ -161,8 +161,9 @@ class PackedRows:
     """Right-padded rows [b, width] of real lengths `lengths`, seen as one stream of T tokens."""
 
     def __init__(self, lengths: torch.Tensor, width: int, device):
-        lengths = lengths.to(device=device, dtype=torch.long)
+        # The total is read before the move: SideBatch keeps lengths on the CPU, so no device sync.
         self.b, self.width, self.total = len(lengths), width, int(lengths.sum())
+        lengths = lengths.to(device=device, dtype=torch.long)
         self.starts = torch.cumsum(lengths, 0) - lengths  # [b] first stream index of each row
         row = torch.repeat_interleave(torch.arange(self.b, device=device), lengths)
         self.positions = torch.arange(self.total, device=device) - self.starts[row]  # [T]

@@ -40,12 +40,12 @@ def build_optimizer(ddp_model, train: TrainConfig, par: ParallelConfig, *, lr: f
 
 
 def _fuse_cpu_adam(optimizer) -> None:
-    """Without TE/apex, megatron falls back to torch's AdamW, which on CPU updates one tensor at a
+    """Without TE/apex, megatron falls back to torch's AdamW (an Adam subclass), which on CPU updates one tensor at a
     time (foreach is a CUDA default); its fused CPU kernel does the same update ~3x faster on the
     tiny model (megatron's own CPU-offload optimizer picks it for that reason). GPU: unchanged."""
     for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
         adam = getattr(inner, "optimizer", None)
-        if not isinstance(adam, torch.optim.Adam | torch.optim.AdamW) or adam.state:
+        if not isinstance(adam, torch.optim.Adam) or adam.state:
             continue
         params = [p for g in adam.param_groups for p in g["params"]]
         if params and all(p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64) for p in params):

@@ -269,7 +269,8 @@ class Bench:
 
         with timer("student"):
             zero_grads(self.ddp, self.optimizer)
-            schedule.run(self.ddp, students, loss_fn, forward_only=False, lean=distributed.lean_training(cfg.train.train_engine))
+            schedule.run(self.ddp, students, loss_fn, forward_only=False,
+                         lean=distributed.lean_training(cfg.train.train_engine))
         with timer("optimizer"):
             optimizer_step(self.optimizer, self.scheduler)
             self.teacher.after_optimizer_step()
