@@ -26,6 +26,8 @@ from typing import NamedTuple, Sequence
 
 import torch
 
+from atesd_mc.exposure.reveal import REVEAL_UNITS, revealed_counts
+
 from ._dispatch import block_size, resolve_backend
 
 try:
@@ -69,26 +71,23 @@ def reveal_lengths(segment_ends: Ragged, alpha, unit: str = "segment") -> torch.
 
     segment_ends: per sample, the exclusive end offset (in reference tokens) of each of its m segments,
     ascending; the last one is the reference length. alpha: float or [B] tensor in [0, 1].
-    unit "segment": k = floor(alpha * m) whole segments -> keep = end of segment k (0 when k = 0).
-    unit "token":   keep = floor(alpha * reference length).
-    floor is taken in float64, i.e. exactly Python's math.floor(alpha * m)."""
-    if unit not in ("segment", "token"):
-        raise ValueError(f"unit must be 'segment' or 'token', got {unit!r}")
+    unit "segment": k = revealed_counts(alpha, m) whole segments -> keep = end of segment k (0 when k = 0).
+    unit "token":   keep = revealed_counts(alpha, reference length).
+    The count is the project's one reveal rule, atesd_mc.exposure.reveal (floor(alpha * m) with
+    decimal alphas exact: 0.29 of 100 segments is 29)."""
+    if unit not in REVEAL_UNITS:
+        raise ValueError(f"unit must be one of {REVEAL_UNITS}, got {unit!r}")
     ends, off = segment_ends.values.to(torch.int64), segment_ends.offsets.to(torch.int64)
     m = off[1:] - off[:-1]
-    a = torch.as_tensor(alpha, dtype=torch.float64, device=off.device).expand(m.shape)
-    if bool(((a < 0) | (a > 1) | torch.isnan(a)).any()):
-        raise ValueError("alpha must lie in [0, 1]")
-    if ends.numel() == 0:  # no sample has a segment
+    k = revealed_counts(alpha, m)  # also validates alpha when no sample has a segment
+    if ends.numel() == 0:
         return torch.zeros_like(m)
 
     def end_at(i: torch.Tensor) -> torch.Tensor:  # ends[i], i clamped; callers mask the invalid ones
         return ends[i.clamp(0, ends.numel() - 1)]
 
     if unit == "token":
-        total = torch.where(m > 0, end_at(off[1:] - 1), torch.zeros_like(m))
-        return torch.floor(a * total.to(torch.float64)).to(torch.int64)
-    k = torch.floor(a * m.to(torch.float64)).to(torch.int64)
+        return revealed_counts(alpha, torch.where(m > 0, end_at(off[1:] - 1), torch.zeros_like(m)))
     return torch.where(k > 0, end_at(off[:-1] + k - 1), torch.zeros_like(k))
 
 

@@ -94,15 +94,3 @@ def pack_masked_reference_ref(student_prompt, teacher_prefix, reference, answer,
             cu.append(cu[-1] + len(prompt) + len(ro))
         out.append(tuple(torch.tensor(x, dtype=torch.int64) for x in (tokens, positions, cu, ridx)))
     return tuple(out)
-
-
-def reveal_lengths_ref(segment_ends: list[list[int]], alpha: list[float], unit: str = "segment") -> list[int]:
-    """Oracle for reveal_lengths with Python floats and math.floor."""
-    out = []
-    for ends, a in zip(segment_ends, alpha):
-        if unit == "token":
-            out.append(math.floor(a * (ends[-1] if ends else 0)))
-        else:
-            k = math.floor(a * len(ends))
-            out.append(ends[k - 1] if k > 0 else 0)
-    return out

@@ -1,4 +1,5 @@
-"""Student/teacher prompts (SPEC §1) and the teacher token pieces used for packing."""
+"""Student/teacher prompts (docs/METHOD.md, Prompts) and the teacher token pieces used for
+packing."""
 from __future__ import annotations
 
 import numpy as np
@@ -69,3 +70,33 @@ def test_piece_contents_and_token_unit():
         p.tokens(3)
     with pytest.raises(ValueError):
         p.tokens(1, n_tokens=2)
+
+
+def test_teacher_context_at_alpha_uses_the_one_reveal_rule():
+    """tokens_at(alpha) shows exactly revealed_count(alpha, m) segments (0.58 of 50 segments is 29,
+    though 0.58 * 50 < 29 in floating point), and the same prompt that training packs."""
+    import torch
+
+    from atesd_mc.batching import build_pair
+    from atesd_mc.exposure.reveal import revealed_count
+
+    tok = bpe_tokenizer()
+    seg = Segmentation(tuple(f"Step {i}." for i in range(50)), "paragraph", "42")
+    p = teacher_pieces(tok, "What is 6*7?", seg, enable_thinking=False)
+    assert p.num_segments == 50 and 0.58 * 50 < 29
+    for alpha in (0.0, 0.29, 0.58, 0.7, 1.0):
+        n = revealed_count(alpha, 50)
+        assert p.tokens_at(alpha).tolist() == p.tokens(n).tolist()
+        assert p.tokens_at(alpha).tolist() == tok.encode(
+            render_teacher_prompt(tok, "What is 6*7?", seg, n, enable_thinking=False))
+        cut = revealed_count(alpha, len(p.reference))
+        assert p.tokens_at(alpha, "token").tolist() == p.tokens(n_tokens=cut).tolist()
+    assert p.reveal_cut(0.58) == p.reveal_length(29)
+
+    class Ex:  # the two fields build_pair reads from a store Example
+        student, teacher = np.asarray(student_tokens(tok, "What is 6*7?", False)), p
+
+    for alpha, unit in ((0.58, "segment"), (0.29, "token"), (1.0, "segment")):
+        pair = build_pair([Ex()], [[7, 8]], alpha, unit, torch.device("cpu"))
+        teacher_row = pair.teacher.tokens[0, :int(pair.teacher.lengths[0]) - 2]  # drop the rollout
+        assert teacher_row.tolist() == p.tokens_at(alpha, unit).tolist()

@@ -1,4 +1,5 @@
-"""Reveal ratio: floor(alpha*m) prefix cut of the reference reasoning (ATESD_SPEC §2)."""
+"""Reveal ratio: floor(alpha*m) prefix cut of the reference reasoning (docs/METHOD.md,
+Reveal ratio)."""
 import math
 
 import pytest
@@ -9,6 +10,7 @@ from atesd_mc.exposure.reveal import reveal_text, reveal_tokens, revealed_count
 @pytest.mark.parametrize("alpha,m,expected", [
     (0.5, 4, 2), (0.29, 100, 29), (0.7, 10, 7), (1 / 3, 3, 1), (0.999, 4, 3), (0.24, 4, 0),
     (0.25, 4, 1), (0.0, 7, 0), (1.0, 7, 7), (0.5, 0, 0), (0.57, 100, 57), (0.1 * 3, 10, 3),
+    (0.58, 50, 29),  # 0.58 * 50 == 28.999999999999996 in floating point, 29 as written
 ])
 def test_revealed_count_floor(alpha, m, expected):
     assert revealed_count(alpha, m) == expected

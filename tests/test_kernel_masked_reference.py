@@ -1,12 +1,13 @@
-"""pack_masked_reference / reveal_lengths against the per-sample Python oracle: identical integers."""
+"""pack_masked_reference against the per-sample Python oracle, reveal_lengths against exact rationals."""
 import math
 import random
+from fractions import Fraction
 
 import pytest
 import torch
 
 from atesd_mc.kernels import PackedSequences, Ragged, pack_masked_reference, reveal_lengths
-from atesd_mc.kernels.reference import pack_masked_reference_ref, reveal_lengths_ref
+from atesd_mc.kernels.reference import pack_masked_reference_ref
 from test_kernel_divergence import needs_triton_cpu, one_thread  # noqa: F401
 
 BACKENDS = ["torch", pytest.param("triton", marks=needs_triton_cpu)]
@@ -81,28 +82,44 @@ def test_tuple_inputs_and_errors():
         pack_masked_reference(**empty_prompt, keep=keep)
 
 
-def test_reveal_lengths_matches_python_floor():
+def exact_keep(ends: list[int], alpha: Fraction, unit: str) -> int:
+    """Reference tokens revealed, in exact rational arithmetic (floor of alpha * m as written)."""
+    if unit == "token":
+        return math.floor(alpha * (ends[-1] if ends else 0))
+    k = math.floor(alpha * len(ends))
+    return ends[k - 1] if k > 0 else 0
+
+
+def test_reveal_lengths_matches_exact_floor():
     rnd = random.Random(7)
     ends = []
     for _ in range(200):
         m = rnd.randint(0, 12)
         cuts = sorted(rnd.sample(range(1, 400), m))
         ends.append(cuts)
-    # grid values where alpha * m lands just below an integer in floating point (0.29 * 100 = 28.999...)
-    alphas = [rnd.choice([0.0, 1.0, 0.29, 0.7, 1 / 3, 0.5, rnd.random()]) for _ in ends]
+    # (float alpha, the number it stands for): 0.29 * 100 and 0.7 * 10 * k land just off an integer
+    # in floating point; random 6-decimal alphas cover the rest of [0, 1]
+    grid = [(0.0, Fraction(0)), (1.0, Fraction(1)), (0.29, Fraction(29, 100)), (0.7, Fraction(7, 10)),
+            (1 / 3, Fraction(1, 3)), (0.5, Fraction(1, 2))]
+    picks = []
+    for _ in ends:
+        q = rnd.randrange(10 ** 6 + 1)
+        picks.append(rnd.choice(grid + [(q / 10 ** 6, Fraction(q, 10 ** 6))]))
     seg = Ragged.from_lists(ends)
     for unit in ("segment", "token"):
-        got = reveal_lengths(seg, torch.tensor(alphas, dtype=torch.float64), unit=unit)
-        assert got.tolist() == reveal_lengths_ref(ends, alphas, unit=unit)
+        got = reveal_lengths(seg, torch.tensor([a for a, _ in picks], dtype=torch.float64), unit=unit)
+        assert got.tolist() == [exact_keep(e, x, unit) for e, (_, x) in zip(ends, picks)]
     # scalar alpha, and the documented semantics on one example: segments end at 3, 5, 9
     one = Ragged.from_lists([[3, 5, 9], [], [2, 4]])
     assert reveal_lengths(one, 0.7).tolist() == [5, 0, 2]        # floor(2.1)=2 segments, 0, floor(1.4)=1
     assert reveal_lengths(one, 0.5, unit="token").tolist() == [4, 0, 2]
     assert reveal_lengths(one, 1.0).tolist() == [9, 0, 4]
-    assert math.floor(0.29 * 100) == 28  # the float64 convention the docstring promises
-    assert reveal_lengths(Ragged.from_lists([list(range(1, 101))]), 0.29).tolist() == [28]
+    assert 0.29 * 100 < 29  # the float product is just below 29; the reveal rule still shows 29 segments
+    assert reveal_lengths(Ragged.from_lists([list(range(1, 101))]), 0.29).tolist() == [29]
     with pytest.raises(ValueError, match="alpha"):
         reveal_lengths(one, 1.5)
+    with pytest.raises(ValueError, match="alpha"):
+        reveal_lengths(Ragged.from_lists([[], []]), -0.1)  # checked even with nothing to reveal
     with pytest.raises(ValueError, match="unit"):
         reveal_lengths(one, 0.5, unit="word")
 

@@ -1,4 +1,4 @@
-"""Student and teacher prompts (SPEC §1), as text and as token pieces for packing.
+"""Student and teacher prompts (docs/METHOD.md, Prompts), as text and as token pieces for packing.
 
 Student user message::
 
@@ -11,7 +11,7 @@ Teacher user message, with k of the m reasoning segments revealed::
     After understanding the reference solution ... to the problem below:\\n
     Please reason step by step, and put your final answer within \\boxed{}.
 
-i.e. the SPEC's ``{y*}`` is the revealed segments (each followed by its separator, see
+i.e. the ``{y*}`` of docs/METHOD.md (Prompts) is the revealed segments (each followed by its separator, see
 segment.py) and then the line ``Final answer: \\boxed{A}``; k = 0 shows the answer line only,
 k = m is OPSD's full reference (re-flowed into segments) plus the answer line. Both messages go
 through the tokenizer's chat template as one user turn followed by the assistant header.
@@ -30,6 +30,7 @@ import numpy as np
 
 from atesd_mc.data.segment import Segmentation
 from atesd_mc.data.tokenizer import Tokenizer
+from atesd_mc.exposure.reveal import reveal_tokens
 
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 REFERENCE_INTRO = "Here is a reference solution to this problem:"
@@ -117,6 +118,15 @@ class TeacherPieces:
         if not 0 <= n_revealed <= self.num_segments:
             raise ValueError(f"n_revealed={n_revealed} outside [0, {self.num_segments}]")
         return int(self.segment_ends[n_revealed - 1]) if n_revealed else 0
+
+    def reveal_cut(self, alpha: float, unit: str = "segment") -> int:
+        """Reference tokens shown at reveal ratio alpha: the one reveal rule (exposure/reveal.py),
+        so a teacher prompt built here matches the one training packs (kernels.reveal_lengths)."""
+        return reveal_tokens(self.segment_ends, alpha, unit, total_tokens=len(self.reference))
+
+    def tokens_at(self, alpha: float, unit: str = "segment") -> np.ndarray:
+        """Full teacher prompt at reveal ratio alpha (unit "segment" or "token")."""
+        return self.tokens(n_tokens=self.reveal_cut(alpha, unit))
 
     def tokens(self, n_revealed: int | None = None, *, n_tokens: int | None = None) -> np.ndarray:
         """Full teacher prompt: n_revealed whole segments, or (token unit) n_tokens tokens."""

@@ -1,4 +1,4 @@
-"""The reveal ratio alpha: how much of the reference reasoning the teacher sees (ATESD_SPEC §2).
+"""The reveal ratio alpha: how much of the reference reasoning the teacher sees (docs/METHOD.md, Reveal ratio).
 
 The reference y* is split into reasoning segments r_1..r_m and a final answer A. The teacher sees
 [x ; r_1..r_k ; A ; transition] with k = floor(alpha * m): a prefix cut, never a token mask.
@@ -9,32 +9,47 @@ module only turns (segment boundaries, alpha) into how much of the reasoning is 
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
+
+import torch
 
 REVEAL_UNITS = ("segment", "token")
 
-# alpha * m is computed in binary floating point, so a product that is an integer in exact
-# arithmetic can land just below it (0.29 * 100 == 28.999999999999996). Adding an absolute
-# epsilon before the floor makes such products count the boundary segment. 1e-9 is far larger
-# than the rounding error of alpha * m for any m below ~1e6 (about m * 1.1e-16) and far smaller
-# than the 1/m spacing between reveal levels, so it never moves a genuinely-below value up.
-_FLOOR_EPS = 1e-9
+# The one reveal rule, k = floor(alpha * m), used by training (kernels.reveal_lengths), the
+# teacher prompts (data/templates.py) and every tool. alpha * m is a binary floating-point
+# product, so a value that is an integer in exact arithmetic can land just below it
+# (0.29 * 100 == 28.999999999999996) and a plain floor would lose the boundary segment. So the
+# product is first rounded to _DECIMALS decimal places (nearest, ties to even), then floored:
+# k = floor(round(alpha * m, 6)). Why rounding the product rather than alpha itself: alphas
+# written as decimals (0.29) and as fractions (1/3, so 1/3 * 3 == 1.0) both behave as written.
+# Why 6 decimals: the float error of alpha * m is about m * 2e-16, far below the half-quantum
+# 5e-7 for any m up to ~1e8, and 5e-7 is far below the 1/m spacing between reveal levels, so only
+# products within 5e-7 under an integer move up. alpha = 0 and alpha = 1 stay exact (0 and m).
+# The rounding is done in integers, (alpha * m * 1e6) to the nearest integer, then // 1e6: exact
+# while m * 1e6 < 2**53 (m below 9e9 tokens).
+_DECIMALS = 6
+_SCALE = 10 ** _DECIMALS
 
 
-def _check_alpha(alpha: float) -> float:
-    alpha = float(alpha)
-    if not (0.0 <= alpha <= 1.0):  # also rejects NaN
-        raise ValueError(f"reveal ratio alpha must be in [0, 1], got {alpha!r}")
-    return alpha
+def revealed_counts(alpha, m) -> torch.Tensor:
+    """floor(alpha * m) under the rule above, elementwise; int64 in [0, m].
+
+    alpha: float or float tensor in [0, 1] (read as float64), broadcast against m; m: int or
+    int tensor >= 0 (segments, or tokens for the "token" unit). Out-of-range or NaN alpha and
+    negative m raise ValueError rather than being clamped, since they mean a caller bug."""
+    m = torch.as_tensor(m, dtype=torch.int64)
+    a = torch.as_tensor(alpha, dtype=torch.float64, device=m.device)
+    if bool(((a < 0) | (a > 1) | torch.isnan(a)).any()):
+        raise ValueError(f"reveal ratio alpha must lie in [0, 1], got {alpha!r}")
+    if bool((m < 0).any()):
+        raise ValueError(f"number of units m must be >= 0, got {m.tolist()}")
+    scaled = torch.round(a * m.to(torch.float64) * _SCALE).to(torch.int64)
+    return torch.div(scaled, _SCALE, rounding_mode="floor")
 
 
 def revealed_count(alpha: float, m: int) -> int:
-    """floor(alpha * m), robust to float error (see _FLOOR_EPS); result is in [0, m]."""
-    alpha = _check_alpha(alpha)
-    if m < 0:
-        raise ValueError(f"number of units m must be >= 0, got {m}")
-    return min(m, int(math.floor(alpha * m + _FLOOR_EPS)))
+    """Segments (or tokens) revealed out of m at ratio alpha: revealed_counts for one pair."""
+    return int(revealed_counts(float(alpha), int(m)))
 
 
 def reveal_tokens(segment_ends: Sequence[int], alpha: float, unit: str = "segment",
