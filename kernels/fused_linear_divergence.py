@@ -81,11 +81,15 @@ class _FusedLinearDivergenceFunction(torch.autograd.Function):
         wants_grad = need_h or need_w
         ctx.recompute = wants_grad and reduction == "none"
         scale = reduction_scale(w, reduction) if wants_grad and not ctx.recompute else None
-        d, ctx.gh, ctx.gw = _chunked_pass(hs, ht, w_s.detach(), w_t, spec, group, backend, chunk, scale,
-                                          need_h, need_w)
+        d, gh, gw = _chunked_pass(hs, ht, w_s.detach(), w_t, spec, group, backend, chunk, scale, need_h, need_w)
+        # Every tensor backward reads goes through save_for_backward (never a ctx attribute), so saved-tensor
+        # hooks (torch.autograd.graph.saved_tensors_hooks: activation offloading, checkpointing) see it and
+        # autograd frees it with the graph.
         if ctx.recompute:
             ctx.save_for_backward(hs, ht, w_s, w_t, w)
             ctx.args = (spec, group, backend, chunk)
+        else:
+            ctx.save_for_backward(gh, gw)  # None where that gradient is not needed
         return reduce_rows(d, w, reduction)
 
     @staticmethod
@@ -98,8 +102,7 @@ class _FusedLinearDivergenceFunction(torch.autograd.Function):
             _, gh, gw = _chunked_pass(hs, ht, w_s.detach(), w_t, spec, group, backend, chunk,
                                       w * grad_out.to(w.dtype), need_h, need_w)
         else:
-            gh, gw = ctx.gh, ctx.gw
-            ctx.gh = ctx.gw = None
+            gh, gw = ctx.saved_tensors
             if not bool((grad_out == 1).all()):  # the usual loss.backward() skips two big multiplies
                 gh = None if gh is None else gh * grad_out.to(gh.dtype)
                 gw = None if gw is None else gw * grad_out.to(gw.dtype)

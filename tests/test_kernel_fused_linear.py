@@ -1,4 +1,6 @@
 """fused_linear_divergence_loss against the float64 oracle (materialised logits + divergence_loss_ref)."""
+import contextlib
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -26,13 +28,17 @@ def make_inputs(n, h, v, opts, seed=0, h_t=None, device="cpu"):
     return to(hs), to(ht), to(w), to(w_t), kw
 
 
-def run_both(inputs, dtype, backend, kind, beta, reduction, chunk_size=None, grad_h=True, grad_w=True):
+def run_both(inputs, dtype, backend, kind, beta, reduction, chunk_size=None, grad_h=True, grad_w=True,
+             hooks=None):
+    """hooks: a context manager around the fused op's call alone (what it saves for backward is unpacked
+    through the same hooks; the reference and the grad_output product are outside)."""
     hs, ht, w, w_t, kw = inputs
     cast = (lambda x, d: None if x is None else x.to(d))  # noqa: E731
     a = hs.to(dtype, copy=True).requires_grad_(grad_h)
     wa = w.to(dtype, copy=True).requires_grad_(grad_w)
-    out = fused_linear_divergence_loss(a, ht.to(dtype), wa, cast(w_t, dtype), kind=kind, beta=beta,
-                                       reduction=reduction, chunk_size=chunk_size, backend=backend, **kw)
+    with hooks or contextlib.nullcontext():
+        out = fused_linear_divergence_loss(a, ht.to(dtype), wa, cast(w_t, dtype), kind=kind, beta=beta,
+                                           reduction=reduction, chunk_size=chunk_size, backend=backend, **kw)
     g = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7)).to(out.device)
     if grad_h or grad_w:
         (out * g.to(out.dtype)).sum().backward()
@@ -87,6 +93,44 @@ def test_grad_subsets_and_no_grad():
     with torch.no_grad():
         out = fused_linear_divergence_loss(hs, ht, w.requires_grad_(), backend="torch", **kw)
     assert rel_err(out, fused_linear_divergence_loss_ref(hs, ht, w.detach(), **kw)) < 1e-12
+
+
+class _CopyingHooks:
+    """Saved-tensor hooks that hand every saved tensor over as a copy (as activation offloading does) and
+    count the calls; backward must then read exactly what went through pack/unpack."""
+    def __init__(self):
+        self.packed, self.unpacked = [], 0
+
+    def pack(self, x):
+        self.packed.append(x.detach().clone())
+        return len(self.packed) - 1
+
+    def unpack(self, i):
+        self.unpacked += 1
+        return self.packed[i].clone()
+
+    def __call__(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_saved_tensor_hooks_see_what_backward_needs(reduction):
+    inputs = make_inputs(61, 24, 300, OPTIONS["all"], seed=12)
+    hooks = _CopyingHooks()
+    res = run_both(inputs, torch.float32, "torch", "jsd", 0.3, reduction, chunk_size=16, hooks=hooks())
+    check(res, 1e-5, reduction)
+    gh, gw = res[1:3]
+    # the op saves nothing but through save_for_backward, and backward unpacked every saved tensor
+    assert len(hooks.packed) == (2 if reduction != "none" else 5) and hooks.unpacked == len(hooks.packed)
+    hs, ht, w, _, _ = inputs
+    if reduction == "none":  # recomputed in backward from the saved inputs (and token weights)
+        assert [tuple(x.shape) for x in hooks.packed] == [hs.shape, ht.shape, w.shape, w.shape, (61,)]
+        return
+    # the gradients themselves, computed in forward: backward only scales them by grad_output
+    g = torch.randn((), dtype=torch.float64, generator=torch.Generator().manual_seed(7)).float()
+    saved_gh, saved_gw = hooks.packed
+    assert saved_gh.shape == hs.shape and saved_gw.shape == w.shape
+    assert torch.equal(saved_gh * g, gh) and torch.equal(saved_gw * g, gw)
 
 
 @pytest.mark.parametrize("kind,beta", KINDS[:3])
