@@ -1,8 +1,9 @@
 """YAML files and Megatron-style --kebab-case flags for the config dataclasses (atesd_mc.config).
 
 Every field becomes a flag named after it (field names are unique across sections, so the flag
-namespace is flat, as in Megatron); YAML files hold one mapping per section. Errors name the YAML
-file and key, or the flag, and the offending value."""
+namespace is flat, as in Megatron); YAML files hold one mapping per section, and may extend another
+file with `base: other.yaml` (see load_yaml). Errors name the YAML file and key, or the flag, and the
+offending value."""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +14,6 @@ import typing
 from typing import Any
 
 from atesd_mc.config import SECTIONS, ConfigError, RunConfig
-
 
 
 def _field_index() -> dict[str, tuple[str, dataclasses.Field]]:
@@ -96,10 +96,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 
 def _build(raw: dict[str, dict[str, Any]], name: str, source: str,
-           from_flags: frozenset[str] = frozenset()) -> RunConfig:
+           from_flags: frozenset[str] = frozenset(), origins: dict[str, str] | None = None) -> RunConfig:
     """Sections from {section: {field: value}}; errors name the YAML file or the flag that set
-    the value (from_flags: fields given on the command line)."""
+    the value (from_flags: fields given on the command line; origins: field -> the YAML file that
+    set it, which for a config extending another may be a base file rather than `source`)."""
     import re
+
+    def src(field_name: str) -> str:
+        return f"{origins[field_name]}: " if origins and field_name in origins else source
 
     sections = {}
     for section, cls in SECTIONS.items():
@@ -107,7 +111,9 @@ def _build(raw: dict[str, dict[str, Any]], name: str, source: str,
         kwargs = {}
         for f in dataclasses.fields(cls):
             if f.name in values:
-                where = ("--" + f.name.replace("_", "-")) if f.name in from_flags else f"{source}{section}.{f.name}"
+                where = f"{src(f.name)}{section}.{f.name}"
+                if f.name in from_flags:
+                    where = "--" + f.name.replace("_", "-")
                 kwargs[f.name] = _coerce(values[f.name], _resolved_type(cls, f), where)
         try:
             sections[section] = cls(**kwargs)
@@ -115,12 +121,44 @@ def _build(raw: dict[str, dict[str, Any]], name: str, source: str,
             named = re.match(r"invalid config: (\w+)=", str(e))
             if named and named.group(1) in from_flags:
                 raise ConfigError(f"{e} (from --{named.group(1).replace('_', '-')})") from None
-            raise ConfigError(f"{source}{e}") from None
+            raise ConfigError(f"{src(named.group(1)) if named else source}{e}") from None
     return RunConfig(name=name, **sections)
 
 
 def load_yaml(path: str) -> dict[str, dict[str, Any]]:
-    """Read a YAML config into {section: {field: value}}, rejecting unknown sections/keys."""
+    """Read a YAML config into {section: {field: value}}, rejecting unknown sections/keys.
+
+    `base: other.yaml` (relative to this file; chains allowed, cycles refused) makes this file extend
+    another: its sections are merged field by field over the base's. The run `name` is not inherited:
+    it defaults to the stem of the file given, so an extending config never writes to its base's run."""
+    return _load_chain(path, ())[0]
+
+
+def _load_chain(path: str, chain: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, str]]:
+    """(merged config, field -> the file that set it); chain: the files that extend this one."""
+    key = os.path.realpath(path)
+    if key in (os.path.realpath(p) for p in chain):
+        raise ConfigError(f"{chain[0]}: config files extend each other in a cycle: {' -> '.join(chain + (path,))}")
+    raw, base = _read_one(path)
+    if base is None:
+        merged, origins = {}, {}
+    else:
+        base_path = os.path.normpath(os.path.join(os.path.dirname(path), base))
+        if not os.path.isfile(base_path):
+            raise ConfigError(f"{path}: invalid config: base={base!r}: config file not found: {base_path}")
+        merged, origins = _load_chain(base_path, chain + (path,))
+        merged.pop("name", None)  # a name belongs to the file that states it
+    for section, values in raw.items():
+        if section == "name":
+            merged["name"] = values
+            continue
+        merged.setdefault(section, {}).update(values)
+        origins.update(dict.fromkeys(values, path))
+    return merged, origins
+
+
+def _read_one(path: str) -> tuple[dict[str, Any], str | None]:
+    """One YAML file's own sections (validated) and its `base:` (None when it extends nothing)."""
     import yaml
 
     try:
@@ -132,22 +170,24 @@ def load_yaml(path: str) -> dict[str, dict[str, Any]]:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
-    out: dict[str, dict[str, Any]] = {}
+    base = raw.pop("base", None)
+    if base is not None and (not isinstance(base, str) or not base):
+        raise ConfigError(f"{path}: invalid config: base={base!r}: expected a YAML file name")
+    out: dict[str, Any] = {}
     for section, values in raw.items():
         if section == "name":
+            out["name"] = values
             continue
         if section not in SECTIONS:
             raise ConfigError(f"{path}: unknown section {section!r} (known: {', '.join(SECTIONS)})")
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: section {section!r} must be a mapping")
         known = {f.name for f in dataclasses.fields(SECTIONS[section])}
-        for key in values:
-            if key not in known:
-                raise ConfigError(f"{path}: unknown key {section}.{key}")
+        for k in values:
+            if k not in known:
+                raise ConfigError(f"{path}: unknown key {section}.{k}")
         out[section] = dict(values)
-    if "name" in raw:
-        out["name"] = raw["name"]  # type: ignore[assignment]
-    return out
+    return out, base
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -180,7 +220,7 @@ def parse_config(argv: list[str] | None = None) -> RunConfig:
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         raise ConfigError(f"unknown flag(s): {' '.join(unknown)}")
-    raw: dict[str, Any] = load_yaml(args.config) if args.config else {}
+    raw, origins = _load_chain(args.config, ()) if args.config else ({}, {})
     name = args.name or raw.pop("name", None) or (
         os.path.splitext(os.path.basename(args.config))[0] if args.config else "tiny_arith")
     raw.pop("name", None)
@@ -193,7 +233,7 @@ def parse_config(argv: list[str] | None = None) -> RunConfig:
         raw.setdefault(section, {})[key] = value
         flags.add(key)
     source = f"{args.config}: " if args.config else ""
-    return _build(raw, name, source, frozenset(flags))
+    return _build(raw, name, source, frozenset(flags), origins)
 
 
 def config_from_dict(raw: dict[str, Any], name: str = "tiny_arith") -> RunConfig:

@@ -10,7 +10,8 @@ import json
 import os
 
 from atesd_mc import checkpoint as ckpt
-from atesd_mc.config import ConfigError, ModelConfig, ParallelConfig, RunConfig, config_from_dict
+from atesd_mc.config import ConfigError, ModelConfig, ParallelConfig, RunConfig
+from atesd_mc.config_io import config_from_dict
 
 
 def saved_configs(root: str) -> tuple[ModelConfig, RunConfig | None]:

@@ -46,7 +46,7 @@ def test_every_stage_has_positive_numbers(bench_run):
 
 def test_tokens_and_flops_match_the_accounting(bench_run):
     from atesd_mc import flops
-    from atesd_mc.config import parse_config
+    from atesd_mc.config_io import parse_config
 
     _, rows, meta = bench_run
     by_stage = {r["stage"]: r for r in rows}

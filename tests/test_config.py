@@ -1,11 +1,13 @@
 """Config: YAML + flags, and one clear error per class of mistake, naming the field and value."""
+import dataclasses
 import os
 import subprocess
 import sys
 
 import pytest
 
-from atesd_mc.config import ConfigError, RunConfig, config_from_dict, parse_config
+from atesd_mc.config import ConfigError, RunConfig
+from atesd_mc.config_io import build_arg_parser, config_from_dict, load_yaml, parse_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,8 +29,6 @@ def test_yaml_then_flags_override(tmp_path):
 
 
 def test_every_field_has_a_kebab_flag():
-    from atesd_mc.config import build_arg_parser
-
     flags = {a for action in build_arg_parser()._actions for a in action.option_strings}
     for megatron_flag in ("--tensor-model-parallel-size", "--pipeline-model-parallel-size",
                           "--micro-batch-size", "--global-batch-size", "--train-iters", "--lr", "--seed",
@@ -38,8 +38,6 @@ def test_every_field_has_a_kebab_flag():
 
 
 def test_flag_help_comes_from_field_docstrings():
-    from atesd_mc.config import build_arg_parser
-
     text = build_arg_parser().format_help()
     assert "Reveal ratio" in text or "Alpha for fixed exposure" in text
 
@@ -107,3 +105,84 @@ def test_yaml_examples_parse():
     assert paths
     for path in paths:
         parse_config(["--config", path])
+
+
+# ---------------------------------------------------------------------------------------------
+# `base:` - a YAML config extending another, field by field.
+# ---------------------------------------------------------------------------------------------
+def _files(tmp_path, **texts):
+    """Write name.yaml files (sub/x.yaml allowed); returns {name: path}."""
+    paths = {}
+    for name, text in texts.items():
+        p = tmp_path / f"{name.replace('__', '/')}.yaml"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+        paths[name] = str(p)
+    return paths
+
+
+BASE = "name: base_run\nmodel:\n  hidden_size: 96\n  num_layers: 3\ntrain:\n  lr: 0.01\n  train_iters: 7\n"
+
+
+def test_base_extends_and_child_overrides_per_field(tmp_path):
+    p = _files(tmp_path, base=BASE,
+               child="base: base.yaml\nmodel:\n  num_layers: 5\nloss:\n  distill_temperature: 2.0\n")
+    cfg = parse_config(["--config", p["child"]])
+    assert cfg.model.num_layers == 5 and cfg.model.hidden_size == 96  # the base's other model field stays
+    assert cfg.train.lr == 0.01 and cfg.train.train_iters == 7  # a section the child does not name
+    assert cfg.loss.distill_temperature == 2.0  # a section only the child names
+    assert cfg.name == "child"  # the name is the file's own, never the base's (its run directory)
+    assert parse_config(["--config", p["child"], "--num-layers", "6"]).model.num_layers == 6  # flags still win
+    defaults = RunConfig()
+    assert cfg.model.ffn_hidden_size == defaults.model.ffn_hidden_size  # named by neither: the default
+    assert load_yaml(p["child"]) == {"model": {"hidden_size": 96, "num_layers": 5},
+                                     "train": {"lr": 0.01, "train_iters": 7}, "loss": {"distill_temperature": 2.0}}
+
+
+def test_base_chain_resolves_relative_to_each_file(tmp_path):
+    p = _files(tmp_path, base=BASE, sub__mid="base: ../base.yaml\nname: mid\ntrain:\n  lr: 0.02\n",
+               top="base: sub/mid.yaml\ntrain:\n  train_iters: 9\n")
+    cfg = parse_config(["--config", p["top"]])
+    assert (cfg.model.hidden_size, cfg.model.num_layers) == (96, 3)  # from base, two levels down
+    assert (cfg.train.lr, cfg.train.train_iters) == (0.02, 9)  # mid overrides base, top overrides both
+    assert cfg.name == "top"
+
+
+def test_base_cycle_is_one_error_naming_the_files(tmp_path):
+    p = _files(tmp_path, a="base: b.yaml\n", b="base: c.yaml\n", c="base: a.yaml\n", self="base: self.yaml\n")
+    with pytest.raises(ConfigError) as e:
+        parse_config(["--config", p["a"]])
+    msg = str(e.value)
+    assert "\n" not in msg and "cycle" in msg
+    assert msg.index("a.yaml") < msg.index("b.yaml") < msg.index("c.yaml") < msg.rindex("a.yaml")
+    with pytest.raises(ConfigError, match=r"cycle: .*self\.yaml -> .*self\.yaml$"):
+        parse_config(["--config", p["self"]])
+
+
+def test_missing_base_names_file_and_field(tmp_path):
+    p = _files(tmp_path, child="base: nowhere.yaml\n", mid="base: child.yaml\n")
+    with pytest.raises(ConfigError, match=r"child\.yaml: invalid config: base='nowhere\.yaml'.*not found"):
+        parse_config(["--config", p["child"]])
+    with pytest.raises(ConfigError, match=r"child\.yaml: invalid config: base='nowhere\.yaml'"):
+        parse_config(["--config", p["mid"]])  # the error is the file that names the missing base
+    with pytest.raises(ConfigError, match=r"base=3: expected a YAML file name"):
+        parse_config(["--config", _files(tmp_path, bad="base: 3\n")["bad"]])
+
+
+def test_base_errors_name_the_file_that_set_the_value(tmp_path):
+    p = _files(tmp_path, base="model:\n  hidden_size: wide\n", child="base: base.yaml\ntrain:\n  lr: 0.1\n",
+               rng="exposure:\n  reveal_ratio: 1.5\n", child2="base: rng.yaml\n", typo="modle: {}\n",
+               child3="base: typo.yaml\n")
+    with pytest.raises(ConfigError, match=r"base\.yaml: model\.hidden_size='wide'"):
+        parse_config(["--config", p["child"]])
+    with pytest.raises(ConfigError, match=r"rng\.yaml: invalid config: reveal_ratio=1\.5"):
+        parse_config(["--config", p["child2"]])
+    with pytest.raises(ConfigError, match=r"typo\.yaml: unknown section 'modle'"):
+        parse_config(["--config", p["child3"]])
+
+
+def test_study_config_is_the_tiny_default_plus_its_name():
+    tiny = parse_config(["--config", os.path.join(ROOT, "examples", "tiny_arith.yaml")])
+    study = parse_config(["--config", os.path.join(ROOT, "examples", "study_arith.yaml")])
+    assert study.name == "study_arith"
+    assert dataclasses.replace(study, name=tiny.name) == tiny

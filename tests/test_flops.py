@@ -17,7 +17,8 @@ import torch
 from harness import run_distributed
 
 from atesd_mc import flops
-from atesd_mc.config import ModelConfig, ParallelConfig, parse_config
+from atesd_mc.config import ModelConfig, ParallelConfig
+from atesd_mc.config_io import parse_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

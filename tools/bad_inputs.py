@@ -47,7 +47,7 @@ def bad_inputs(workdir: str, threads: int = 1) -> list[dict]:
     synth = next(os.path.join(cache, d) for d in sorted(os.listdir(cache)) if d.startswith("synthetic-")
                  and os.path.isdir(os.path.join(cache, d)))
     other_cache = os.path.join(workdir, "cache_other")
-    build = ("import sys; sys.path.insert(0, {root!r}); from atesd_mc.config import parse_config; "
+    build = ("import sys; sys.path.insert(0, {root!r}); from atesd_mc.config_io import parse_config; "
              "from atesd_mc.tasks import build_synthetic; print(build_synthetic(parse_config("
              "['--synthetic-vocab-size', '400', '--synthetic-train-size', '600', '--cache-dir', {cache!r}])))")
     other = subprocess.run([sys.executable, "-c", build.format(root=ROOT, cache=other_cache)], capture_output=True,
