@@ -1,5 +1,8 @@
 """Hugging Face checkpoint files: a lazy reader of safetensors (or, on request, pickle) shards and
-a sharded safetensors writer. The name/shape mapping lives in atesd_mc.convert."""
+a sharded safetensors writer, plus the error type every conversion step raises.
+
+The conversion modules (atesd_mc.convert_config, convert_layout, convert) import ConversionError
+from here; this module imports nothing of atesd_mc, so the dependency goes one way."""
 from __future__ import annotations
 
 import json
@@ -8,8 +11,22 @@ from typing import Any, Iterable
 
 import torch
 
-from atesd_mc.convert import ConversionError, _few
+# The non-weight files of a HF model directory that a conversion carries over unchanged, so the
+# converted checkpoint can be tokenized and generated from like the original.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                   "generation_config.json", "chat_template.jinja", "special_tokens_map.json",
+                   "added_tokens.json")
 
+
+class ConversionError(ValueError):
+    """The HF or megatron checkpoint cannot be converted; the message says what and where."""
+
+
+def summarize_names(names: list[str], limit: int = 6) -> str:
+    """The first `limit` names, comma-separated, and how many more there are (error messages
+    about thousands of tensors stay readable)."""
+    more = len(names) - limit
+    return ", ".join(names[:limit]) + (f", ... ({more} more)" if more > 0 else "")
 
 
 class HFCheckpoint:
@@ -58,7 +75,7 @@ class HFCheckpoint:
         missing = sorted({s for s in weight_map.values() if not os.path.isfile(self._p(s))})
         if missing:
             raise ConversionError(f"{self._p(index)}: {len(missing)} shard file(s) listed in the "
-                                  f"index are missing: {_few(missing)}")
+                                  f"index are missing: {summarize_names(missing)}")
         return dict(weight_map)
 
     def _keys(self, file: str) -> dict[str, str]:
@@ -95,7 +112,6 @@ class HFCheckpoint:
     def close(self) -> None:
         self._open.clear()
         self._bin_cache = None
-
 
     def shape(self, name: str) -> tuple[int, ...]:
         """A tensor's shape without reading its data (safetensors header)."""

@@ -83,10 +83,6 @@ def optimizer_step(optimizer, scheduler, increment: int = 1) -> tuple[bool, floa
     return bool(updated), float(grad_norm) if grad_norm is not None else float("nan"), num_zeros
 
 
-def current_lr(optimizer) -> float:
-    return optimizer.param_groups[0]["lr"]
-
-
 def count_params(model) -> tuple[int, int]:
     """(total, trainable) parameters of this stage."""
     total = sum(p.numel() for p in model.parameters())
@@ -95,4 +91,4 @@ def count_params(model) -> tuple[int, int]:
 
 
 __all__ = ["wrap_ddp", "build_optimizer", "build_scheduler", "zero_grads", "optimizer_step",
-           "current_lr", "count_params", "torch"]
+           "count_params", "torch"]

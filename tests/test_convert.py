@@ -13,8 +13,10 @@ import torch
 
 from harness import run_distributed
 
-from atesd_mc.convert import (ConversionError, HFCheckpoint, check_hf_checkpoint, hf_to_megatron_shard,
-                              megatron_to_hf, model_config_from_hf)
+from atesd_mc.convert import hf_to_megatron_shard, megatron_to_hf
+from atesd_mc.convert_config import model_config_from_hf
+from atesd_mc.convert_layout import check_hf_checkpoint
+from atesd_mc.hf_files import ConversionError, HFCheckpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location("convert_checkpoint",
@@ -288,7 +290,7 @@ def test_refuses_shape_mismatch_missing_tensor_missing_shard_and_pickle(hf_model
 
     # an index lists a shard file that is not there
     sharded = str(tmp_path / "sharded")
-    from atesd_mc.convert import write_safetensors
+    from atesd_mc.hf_files import write_safetensors
 
     os.makedirs(sharded)
     shutil.copy(os.path.join(src_dir, "config.json"), sharded)

@@ -36,7 +36,7 @@ def _log(text: str) -> None:
 
 
 def _copy_tokenizer(src: str, dst: str) -> list[str]:
-    from atesd_mc.convert import TOKENIZER_FILES
+    from atesd_mc.hf_files import TOKENIZER_FILES
 
     copied = []
     for name in TOKENIZER_FILES:
@@ -65,8 +65,10 @@ def import_hf(hf_dir: str, save: str, *, allow_pickle: bool = False, params_dtyp
 
     from atesd_mc.checkpoint import barrier, is_writer, save_sharded
     from atesd_mc.config import ParallelConfig
-    from atesd_mc.convert import (ConversionError, HFCheckpoint, check_hf_checkpoint,
-                                  load_hf_into_stage, model_config_from_hf)
+    from atesd_mc.convert import load_hf_into_stage
+    from atesd_mc.convert_config import model_config_from_hf
+    from atesd_mc.convert_layout import check_hf_checkpoint
+    from atesd_mc.hf_files import ConversionError, HFCheckpoint
     from atesd_mc.model.qwen3 import build_stage
 
     reader = HFCheckpoint(hf_dir, allow_pickle=allow_pickle)
@@ -103,7 +105,7 @@ def import_hf(hf_dir: str, save: str, *, allow_pickle: bool = False, params_dtyp
 
 def resolve_checkpoint(load: str) -> tuple[str, str]:
     """(dist-checkpoint directory, directory holding model_config.json) for --load."""
-    from atesd_mc.convert import ConversionError
+    from atesd_mc.hf_files import ConversionError
 
     tracker = os.path.join(load, TRACKER)
     if os.path.isfile(tracker):
@@ -129,7 +131,7 @@ def load_model(load: str, **overrides):
 
     from atesd_mc.checkpoint import load_sharded
     from atesd_mc.config import ConfigError, ModelConfig, ParallelConfig
-    from atesd_mc.convert import ConversionError
+    from atesd_mc.hf_files import ConversionError
     from atesd_mc.model.qwen3 import build_stage
 
     if dist.get_world_size() != 1:
@@ -161,8 +163,9 @@ def load_model(load: str, **overrides):
 def export_hf(load: str, hf_dir: str, *, dtype: str = "checkpoint", max_shard_size: str = "5GB",
               overwrite: bool = False) -> list[str]:
     """Write a HF Qwen3 directory from a converted (or trained) checkpoint; world 1."""
-    from atesd_mc.convert import (ConversionError, hf_config_from_model, megatron_to_hf, parse_size,
-                                  stage_getter, write_safetensors)
+    from atesd_mc.convert import megatron_to_hf, stage_getter
+    from atesd_mc.convert_config import hf_config_from_model
+    from atesd_mc.hf_files import ConversionError, parse_size, write_safetensors
 
     hf_dir = os.path.abspath(hf_dir)
     if os.path.exists(hf_dir) and os.listdir(hf_dir) and not overwrite:
@@ -205,7 +208,8 @@ def verify(hf_dir: str, load: str, *, batch_size: int = 2, seq_length: int = 32,
     import torch
     from transformers import Qwen3ForCausalLM
 
-    from atesd_mc.convert import ConversionError, HFCheckpoint, model_config_from_hf
+    from atesd_mc.convert_config import model_config_from_hf
+    from atesd_mc.hf_files import ConversionError, HFCheckpoint
     from atesd_mc.model.qwen3 import full_logits
 
     reader = HFCheckpoint(hf_dir, allow_pickle=allow_pickle)  # refuses pickle weights up front
@@ -274,7 +278,7 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
     from atesd_mc import distributed
     from atesd_mc.config import ConfigError
-    from atesd_mc.convert import ConversionError
+    from atesd_mc.hf_files import ConversionError
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     need = (args.tensor_model_parallel_size * args.pipeline_model_parallel_size

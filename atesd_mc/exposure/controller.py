@@ -1,4 +1,4 @@
-"""Adaptive exposure controller: a Beta policy over alpha trained by REINFORCE (ATESD_SPEC §3).
+"""Adaptive exposure controller: a Beta policy over alpha trained by REINFORCE (docs/METHOD.md, Controller).
 
 Life of a decision: alpha_for_step(t0) at the start of a hold window samples alpha_raw from the
 policy at the current state s (features.py) and holds alpha = clip(alpha_raw) for H updates.
@@ -23,14 +23,15 @@ from .beta_policy import BetaPolicy, beta_entropy, beta_icdf, beta_log_prob
 from .features import NUM_FEATURES, RunningMoments, StateFeatures
 from .reward import (SignalSeries, advantages, batch_zscore, check_variant, combine_rewards,
                      decision_components, reward_horizon)
-from .schedules import check_kind, window_due
+from .interface import check_kind, window_due
 
 _DTYPE = torch.float64
 _STATE_VERSION = 1
 
 
 class AdaptiveController:
-    """Learned exposure schedule; same interface as schedules.FixedExposure/RandomExposure.
+    """Learned exposure schedule; the interface.ExposureSchedule API, like schedules.FixedExposure
+    and schedules.RandomExposure.
 
     reward_variant (full | lp_only | one_step) and reward_gt_norm (batch | running) default to
     the config fields of those names when present, else "full" and "batch".

@@ -1,40 +1,16 @@
-"""Exposure schedules: the fixed and uniform-random baselines, the factory, the shared interface.
+"""Exposure schedules: the fixed and uniform-random baselines, and the factory that builds any
+schedule (these two or the adaptive controller) from the config.
 
-Every schedule has the same step-level API, so the trainer treats them alike:
-  alpha_for_step(step) -> float         alpha for student update `step` (call before it)
-  observe(step, *, loss, mismatch, probe_nll, confidence, teacher_score) -> dict (after it)
-  state_dict() / load_state_dict(sd)    plain numbers/strings/lists/dicts/tensors only, so
-                                        torch.load(weights_only=True) can read them back
-Only rank 0 runs a schedule; the trainer broadcasts alpha.
+The step-level API they share is described in interface.py.
 """
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
-
-class ExposureSchedule(Protocol):
-    kind: str
-
-    def alpha_for_step(self, step: int) -> float: ...
-
-    def observe(self, step: int, **signals: Any) -> dict: ...
-
-    def state_dict(self) -> dict: ...
-
-    def load_state_dict(self, sd: dict) -> None: ...
-
-
-def window_due(step: int, decided_step: int | None, hold_steps: int) -> bool:
-    """A new decision is due when none was made yet or `step` is in another hold window
-    (windows are [k*H, (k+1)*H); a resume mid-window keeps the held decision)."""
-    return decided_step is None or step // hold_steps != decided_step // hold_steps
-
-
-def check_kind(sd: dict, kind: str) -> None:
-    if sd.get("kind") != kind:
-        raise ValueError(f"exposure state is for {sd.get('kind')!r}, this schedule is {kind!r}")
+from .controller import AdaptiveController
+from .interface import ExposureSchedule, check_kind, window_due
 
 
 class FixedExposure:
@@ -104,7 +80,5 @@ def make_exposure(exposure_cfg, controller_cfg, total_steps: int, seed: int) -> 
         return RandomExposure(controller_cfg.hold_steps, exposure_cfg.alpha_min,
                               exposure_cfg.alpha_max, seed)
     if kind == "adaptive":
-        from .controller import AdaptiveController
-
         return AdaptiveController(controller_cfg, exposure_cfg, total_steps, seed)
     raise ValueError(f"atesd_exposure must be adaptive, fixed or random, got {kind!r}")
