@@ -82,7 +82,7 @@ def build_side(prompts: list[list[int]], responses: list[list[int]], device) -> 
 
 def per_sequence_weights(lengths: torch.Tensor, num_sequences: int) -> torch.Tensor:
     """Token weights 1/(|y_i| * num_sequences): the loss is a mean over sequences of per-sequence
-    token means (ATESD_SPEC section 1). Empty sequences contribute nothing."""
+    token means (docs/METHOD.md, Loss). Empty sequences contribute nothing."""
     lengths = lengths.long()
     per_tok = torch.where(lengths > 0, 1.0 / (lengths.clamp(min=1).double() * num_sequences),
                           torch.zeros_like(lengths, dtype=torch.float64))

@@ -2,7 +2,7 @@
 
 On CUDA nothing here patches anything: NCCL, megatron's CUDA RNG tracker and the transformer-engine
 spec are used as they are. On a CPU-only torch build megatron-core needs a few workarounds, all
-collected in :func:`apply_cpu_compat` (see PLATFORM_NOTES "The shim" for why each exists):
+collected in :func:`apply_cpu_compat` (docs/PLATFORM.md, CPU workarounds, says why):
 
 * ``torch.cuda.current_device`` -> cpu (rope tables and TP comm buffers ask for it);
 * ``torch.cuda.synchronize`` / ``current_stream`` -> no-ops (p2p, dist_checkpointing, DDP 0.19);
@@ -160,15 +160,10 @@ def apply_cpu_compat() -> None:
     _CudaToCpuMode().__enter__()  # process-global, never exited
 
 
-def lean_training(engine: str) -> bool:
-    """Whether training passes ask for lean_decode's forward (config TrainConfig.train_engine)."""
-    return engine == "lean" or (engine == "auto" and not cuda_available())
-
-
 @contextlib.contextmanager
 def plain_torch():
     """Skip torch-function dispatch (the CPU shim's mode) inside: for code made only of plain torch
-    ops on tensors already on the right device (lean_decode's layer stack). The mode's Python hook
+    ops on tensors already on the right device (model/lean.py's layer stack). The mode's Python hook
     costs ~3 us on each of the ~150 ops of a decode step; on CUDA there is no mode to skip."""
     if not _CPU_COMPAT_APPLIED:
         yield
@@ -287,12 +282,3 @@ def broadcast_object(obj: Any, src: int = 0, group=None) -> Any:
     dist.broadcast_object_list(box, src=src, group=group,
                                device=device() if backend_for() == "nccl" else None)
     return box[0]
-
-
-def all_reduce_mean(values: list[float], group=None) -> list[float]:
-    """Mean of a few scalars over a group (statistics, not gradients), in float64."""
-    if not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=device())
-    dist.all_reduce(t, group=group)
-    return (t / dist.get_world_size(group)).tolist()

@@ -1,4 +1,4 @@
-"""Evaluation (SPEC §4): answer extraction, checking, Avg@k / Pass@k / Maj@k, results.json.
+"""Answer extraction, checking, Avg@k / Pass@k / Maj@k, results.json (docs/METHOD.md, Evaluation).
 
 Checking: the response's answer is the inside of its last ``\\boxed{}`` / ``\\fbox{}`` (GSM8K's
 ``#### N`` when there is no box). It is compared with the reference by math-verify (both wrapped

@@ -15,7 +15,7 @@ import dataclasses
 import torch
 import torch.distributed as dist
 
-from atesd_mc.lean_decode import LeanDecoder, supports
+from atesd_mc.model.lean import LeanDecoder
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -26,8 +26,6 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     eos_id: int | None = None
-    engine: str = "auto"
-    """auto: lean_decode when it supports the model; megatron: always megatron's layers."""
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -104,8 +102,9 @@ def _broadcast_tokens(tok: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], params: SamplingParams,
-             generator: torch.Generator) -> Rollouts:
-    """Sample continuations of `prompts` (same prompts and generator on every TP/PP rank)."""
+             generator: torch.Generator, *, lean: bool = False) -> Rollouts:
+    """Sample continuations of `prompts` (same prompts and generator on every TP/PP rank).
+    lean: decode on model/lean.py's KV cache (engine.Engine.lean_decode), else megatron's layers."""
     from megatron.core.inference.contexts import StaticInferenceContext
 
     from atesd_mc.model.qwen3 import unwrap
@@ -126,14 +125,14 @@ def generate(model, prompts: list[list[int]], params: SamplingParams,
     real_vocab = inner.real_vocab_size
     done = torch.zeros(b, dtype=torch.bool, device=dev)
     finished = torch.zeros(b, dtype=torch.bool, device=dev)
-    lean = LeanDecoder(inner, b, total) if params.engine == "auto" and supports(inner) else None
-    ctx = StaticInferenceContext(b, total) if lean is None else None
+    decoder = LeanDecoder(inner, b, total) if lean else None
+    ctx = StaticInferenceContext(b, total) if decoder is None else None
     start, pos = 0, int(lens.min())
     try:
         while pos < total:
             chunk = buf[:, start:pos]
-            if lean is not None:
-                logits = lean.forward(chunk, start)
+            if decoder is not None:
+                logits = decoder.forward(chunk, start)
             else:
                 positions = torch.arange(start, pos, device=dev).expand(b, -1)
                 logits = _stage_forward(model, chunk, positions, ctx, inner.config.hidden_size)
@@ -166,7 +165,7 @@ def generate(model, prompts: list[list[int]], params: SamplingParams,
 
 
 def generate_bucketed(model, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator,
-                      *, max_batch: int = 64, max_spread: int = 32) -> Rollouts:
+                      *, lean: bool = False, max_batch: int = 64, max_spread: int = 32) -> Rollouts:
     """generate() over length buckets: prompts sorted by length and cut into batches whose lengths
     differ by at most max_spread, because the shared cache advances one position at a time from
     the shortest prompt of a batch. Results come back in the input order."""
@@ -180,7 +179,7 @@ def generate_bucketed(model, prompts: list[list[int]], params: SamplingParams, g
                and len(prompts[order[end]]) - len(prompts[order[start]]) <= max_spread):
             end += 1
         idx = order[start:end]
-        out = generate(model, [prompts[i] for i in idx], params, generator)
+        out = generate(model, [prompts[i] for i in idx], params, generator, lean=lean)
         for j, i in enumerate(idx):
             tokens[i], finished[i] = out.tokens[j], out.finished[j]
         start = end

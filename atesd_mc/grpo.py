@@ -6,52 +6,74 @@ each: the same number of rollouts and student updates. One update per batch, so 
 the update (the clip only matters if the loss is reused)."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from atesd_mc import schedule
-from atesd_mc.batching import build_side, per_sequence_weights
+from atesd_mc import schedule, stages
 from atesd_mc.evaluation import is_correct
-from atesd_mc.generation import generate
-from atesd_mc.losses import _masked_logits, grpo_advantages, grpo_loss, token_log_probs
+from atesd_mc.losses import grpo_advantages, grpo_loss, target_log_probs
 from atesd_mc.model.qwen3 import tp_input
 from atesd_mc.optim import zero_grads
+from atesd_mc.run_log import Timer
+from atesd_mc.runtime import Runtime, global_sum
+from atesd_mc.steps import StepStats, TrainData, injected_loss
 
 
-def grpo_step(trainer) -> dict:
-    t, g = trainer.timer, trainer.cfg.generation.rollouts_per_prompt
-    indices = trainer.sampler.next_batch()
-    prompts_n = max(1, len(indices) // g)
-    examples = [trainer.problems.train[i] for i in indices[:prompts_n] for _ in range(g)]
-    t.start("rollout")
-    rollouts = generate(trainer.ddp, [ex.student.tolist() for ex in examples], trainer.sampling(),
-                        trainer._generator())
-    t.stop("rollout")
-    rewards = torch.tensor([float(is_correct(trainer.tok.decode(r, skip_special_tokens=True), ex.answer))
-                            for ex, r in zip(examples, rollouts.tokens)])
-    adv = grpo_advantages(rewards, g)
-    w, _, valid = trainer._weights()
-    sides, ids, advs, weights = [], [], [], []
-    n_seq = len(examples)
-    for k, mb in enumerate(trainer._micro(list(range(n_seq)))):
-        resp = [rollouts.tokens[i] for i in mb]
-        side, rid = build_side([examples[i].student.tolist() for i in mb], resp, trainer.device)
-        lens = torch.tensor([len(r) for r in resp])
-        sides.append(side)
-        ids.append(rid)
-        advs.append(torch.repeat_interleave(adv[mb], lens).to(trainer.device))
-        weights.append(per_sequence_weights(lens, n_seq).to(trainer.device))
+@dataclasses.dataclass(kw_only=True, slots=True)
+class _GrpoSums:
+    loss: float
+    correct: float
+    rollouts: float
+    rollout_tokens: float
+
+
+def grpo_step(rt: Runtime, data: TrainData, tokenizer, step: int, timer: Timer) -> StepStats:
+    g = rt.cfg.generation.rollouts_per_prompt
+    indices = data.sampler.next_batch()
+    examples = [data.problems.train[i] for i in indices[:max(1, len(indices) // g)] for _ in range(g)]
+    prompts = [ex.student.tolist() for ex in examples]
+    with timer("rollout"):
+        rolled = stages.rollouts(rt, prompts, stages.sampling(rt), stages.rollout_generator(rt, step))
+    rewards = torch.tensor([float(is_correct(tokenizer.decode(r, skip_special_tokens=True), ex.answer))
+                            for ex, r in zip(examples, rolled.tokens)])
+    batches = stages.response_batches(prompts, rolled.tokens, rt.cfg.train.micro_batch_size,
+                                      len(examples), rt.device)
+    advantages = _token_advantages(grpo_advantages(rewards, g), rolled.tokens, rt.cfg.train.micro_batch_size,
+                                  rt.device)
+    with timer("student"):
+        losses = _policy_gradient_backward(rt, batches, advantages)
+    sums = global_sum(rt.info, _GrpoSums(loss=sum(float(x) for x in losses), correct=float(rewards.sum()),
+                                         rollouts=float(len(examples)),
+                                         rollout_tokens=float(sum(len(r) for r in rolled.tokens))), rt.device)
+    loss = injected_loss(rt, step, sums.loss / rt.dp)
+    with timer("optimizer"):
+        update = stages.optimizer_update(rt, loss)
+    with timer("stats"):
+        probe = stages.probe_nll(rt, data.problems.probe, data.references)
+    return StepStats(step=step + 1, alpha=None, loss=loss, update=update, probe_nll=probe,
+                     lr=rt.optimizer.param_groups[0]["lr"], reward_accuracy=sums.correct / max(sums.rollouts, 1),
+                     tokens={"rollout": sums.rollout_tokens, "student": sums.rollout_tokens})
+
+
+def _token_advantages(adv: torch.Tensor, responses: list[list[int]], micro: int, device) -> list[torch.Tensor]:
+    """Each sequence's advantage repeated over its response tokens, per micro-batch."""
+    out = []
+    for start in range(0, len(responses), micro):
+        lengths = torch.tensor([len(r) for r in responses[start:start + micro]])
+        out.append(torch.repeat_interleave(adv[start:start + micro], lengths).to(device))
+    return out
+
+
+def _policy_gradient_backward(rt: Runtime, batches, advantages) -> list[torch.Tensor]:
+    w = stages.output_weights(rt)
 
     def loss_fn(h, i):
-        lp = token_log_probs(_masked_logits(tp_input(h), w, valid), ids[i])
-        loss = grpo_loss(lp, lp.detach(), advs[i], weights[i].to(lp.dtype))
+        lp = target_log_probs(tp_input(h), w.student, w.valid, batches[i].ids)
+        loss = grpo_loss(lp, lp.detach(), advantages[i], batches[i].weights.to(rt.device, lp.dtype))
         return loss, {"loss": loss.detach().clone()}
 
-    t.start("student")
-    zero_grads(trainer.ddp, trainer.optimizer)
-    infos = schedule.run(trainer.ddp, sides, loss_fn, forward_only=False, lean=trainer.lean_train)
-    t.stop("student")
-    tot = trainer._all_sum([sum(float(i["loss"]) for i in infos), float(rewards.sum()), float(n_seq),
-                            float(sum(len(r) for r in rollouts.tokens))])
-    return trainer._update_and_record(None, tot[0] / trainer.dp,
-                                      {"rollout": tot[3], "student": tot[3]},
-                                      {"reward_accuracy": tot[1] / max(tot[2], 1)})
+    zero_grads(rt.ddp, rt.optimizer)
+    infos = schedule.run(rt.ddp, [b.side for b in batches], loss_fn, forward_only=False,
+                         lean=rt.engine.lean_forward)
+    return [i["loss"] for i in infos]

@@ -1,6 +1,6 @@
 """Training losses on hidden states at rollout positions, vocab-parallel over TP.
 
-Distillation (ATESD_SPEC section 1) goes through atesd_mc.kernels' fused output-layer divergence:
+Distillation (docs/METHOD.md, Loss) goes through atesd_mc.kernels' fused output-layer divergence:
 the [tokens x vocab] logits are never materialised. The sampled-token estimator and the teacher
 top-k variant need per-token log-probs at chosen ids, so they use materialised local-shard logits
 (megatron's vocab-parallel cross-entropy). SFT and GRPO losses for the baselines live here too."""
@@ -130,10 +130,15 @@ def _vp_stats(z: torch.Tensor, group):
     return m + s.log(), m, arg
 
 
+def target_log_probs(h: torch.Tensor, w: torch.Tensor, valid: int, target_ids: torch.Tensor) -> torch.Tensor:
+    """log p(target_n) [R] from hidden states h [R, H] through this rank's output shard w."""
+    return token_log_probs(_masked_logits(h, w, valid), target_ids)
+
+
 def sft_loss(h: torch.Tensor, w: torch.Tensor, valid: int, target_ids: torch.Tensor,
              token_weights: torch.Tensor) -> torch.Tensor:
     """sum_n w_n * cross-entropy(target_n): next-token loss on reference tokens (SFT, warm start)."""
-    return -(token_weights * token_log_probs(_masked_logits(h, w, valid), target_ids)).sum()
+    return -(token_weights * target_log_probs(h, w, valid, target_ids)).sum()
 
 
 def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:

@@ -20,13 +20,13 @@ from atesd_mc import checkpoint as ckpt
 from atesd_mc.model.qwen3 import unwrap
 
 
-def _sharded(trainer, loading: bool, with_optimizer: bool = True) -> dict:
-    model = unwrap(trainer.model)
+def _sharded(rt, loading: bool, with_optimizer: bool = True) -> dict:
+    model = unwrap(rt.model)
     sd = {"model": model.sharded_state_dict()}
     if with_optimizer:
-        sd["optimizer"] = trainer.optimizer.sharded_state_dict(sd["model"], is_loading=loading)
-    if trainer.teacher.has_own_weights:
-        sd["teacher"] = trainer.teacher.module.sharded_state_dict(prefix="teacher.")
+        sd["optimizer"] = rt.optimizer.sharded_state_dict(sd["model"], is_loading=loading)
+    if rt.teacher.has_own_weights:
+        sd["teacher"] = rt.teacher.module.sharded_state_dict(prefix="teacher.")
     return sd
 
 
@@ -47,15 +47,16 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(trainer, extra_state: dict | None = None) -> str:
-    """Checkpoint at trainer.step into the run directory; the tracker is updated last."""
-    root = trainer.cfg.run_dir
-    path = ckpt.iter_dir(root, trainer.step)
-    info = trainer.info
-    state = {"step": trainer.step, "scheduler": trainer.scheduler.state_dict(),
-             "sampler": trainer.sampler.state_dict(),
-             "exposure": trainer.exposure.state_dict() if trainer.exposure is not None else None,
-             "config": trainer.cfg.to_dict(), "version": atesd_mc.__version__,
+def save(rt, sampler, exposure, step: int, extra_state: dict | None = None) -> str:
+    """Checkpoint of iteration `step` into the run directory; the tracker is updated last.
+    rt: the runtime.Runtime; sampler: the data sampler; exposure: the controller (rank 0) or None."""
+    root = rt.cfg.run_dir
+    path = ckpt.iter_dir(root, step)
+    info = rt.info
+    state = {"step": step, "scheduler": rt.scheduler.state_dict(),
+             "sampler": sampler.state_dict(),
+             "exposure": exposure.state_dict() if exposure is not None else None,
+             "config": rt.cfg.to_dict(), "version": atesd_mc.__version__,
              "layout": {"tp": info.tp, "pp": info.pp, "dp": info.dp, "world": info.world_size},
              **(extra_state or {})}
 
@@ -67,8 +68,8 @@ def save(trainer, extra_state: dict | None = None) -> str:
     if ckpt.is_writer():
         os.makedirs(root, exist_ok=True)
     ckpt.barrier()
-    ckpt.save_sharded(_sharded(trainer, loading=False), path, extra=extra)
-    ckpt.write_tracker(root, trainer.step)
+    ckpt.save_sharded(_sharded(rt, loading=False), path, extra=extra)
+    ckpt.write_tracker(root, step)
     return path
 
 
@@ -85,33 +86,34 @@ def resume_path(cfg) -> tuple[str | None, bool]:
     return None, False
 
 
-def load(trainer, root: str) -> dict:
+def load(rt, sampler, exposure, root: str) -> dict:
     """Restore model, optimizer, teacher, schedule, sampler, controller and RNG of a training
-    checkpoint; returns its trainer state. (--finetune loads weights only: model_io.load_weights,
-    before LoRA adapters exist.)"""
-    cfg = trainer.cfg.checkpoint
+    checkpoint; returns its trainer state (its "step" is the iteration to continue from).
+    (--finetune loads weights only: model_io.load_weights, before LoRA adapters exist.)"""
+    cfg = rt.cfg.checkpoint
     step = ckpt.latest_step(root)
     path = ckpt.iter_dir(root, step)
     ckpt.remove_stale_temps(root)
     ckpt.verify_checkpoint(path)
     state = ckpt.load_torch(os.path.join(path, "trainer_state.pt"))
     with_opt = not cfg.no_load_optim
-    loaded = ckpt.load_sharded_checked(_sharded(trainer, loading=True, with_optimizer=with_opt), path)
-    unwrap(trainer.model).load_state_dict(loaded["model"], strict=False)
+    loaded = ckpt.load_sharded_checked(_sharded(rt, loading=True, with_optimizer=with_opt), path)
+    unwrap(rt.model).load_state_dict(loaded["model"], strict=False)
     if "teacher" in loaded:
-        trainer.teacher.module.load_state_dict(loaded["teacher"], strict=False)
+        rt.teacher.module.load_state_dict(loaded["teacher"], strict=False)
     if with_opt:
-        trainer.optimizer.load_state_dict(loaded["optimizer"])
-        trainer.scheduler.load_state_dict(state["scheduler"])
-    trainer.step = int(state["step"])
-    trainer.sampler.load_state_dict(state["sampler"])
-    if trainer.exposure is not None and state.get("exposure") is not None:
-        trainer.exposure.load_state_dict(state["exposure"])
-    same_layout = state["layout"]["world"] == trainer.info.world_size and \
-        state["layout"]["tp"] == trainer.info.tp and state["layout"]["pp"] == trainer.info.pp
-    rng_file = os.path.join(path, f"rng_rank{trainer.info.rank}.pt")
+        rt.optimizer.load_state_dict(loaded["optimizer"])
+        rt.scheduler.load_state_dict(state["scheduler"])
+    sampler.load_state_dict(state["sampler"])
+    if exposure is not None and state.get("exposure") is not None:
+        exposure.load_state_dict(state["exposure"])
+    info = rt.info
+    same_layout = state["layout"]["world"] == info.world_size and \
+        state["layout"]["tp"] == info.tp and state["layout"]["pp"] == info.pp
+    rng_file = os.path.join(path, f"rng_rank{info.rank}.pt")
     if not cfg.no_load_rng and same_layout and os.path.exists(rng_file):
         _set_rng_state(ckpt.load_torch(rng_file))
     if dist.is_initialized():
         dist.barrier()
+    state["step"] = int(state["step"])
     return state

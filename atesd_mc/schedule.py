@@ -9,8 +9,8 @@ from typing import Callable
 
 import torch
 
-from atesd_mc import lean_decode
 from atesd_mc.batching import SideBatch
+from atesd_mc.model.lean import packed_selected
 from atesd_mc.model.qwen3 import forward_hidden, unwrap
 
 
@@ -28,13 +28,13 @@ def run(model, sides: list[SideBatch], loss_fn: Callable, *, forward_only: bool,
     """Run every micro-batch; loss_fn(selected_hidden [R, h], micro_index) -> (loss, info dict).
 
     Returns the info dicts (last pipeline stage; empty elsewhere). Loss values are scaled by the
-    number of micro-batches here because the schedule divides by it. lean=True lets a rank that
-    holds the whole model skip megatron's layers (lean_decode.packed_selected: the same math on
-    the same weights, padding-free); megatron's schedule still runs the backward and the gradient
-    reduction, so DDP, LoRA and the optimizer see no difference."""
+    number of micro-batches here because the schedule divides by it. lean=True (the resolved
+    engine.Engine.lean_forward) skips megatron's layers on a rank that holds the whole model
+    (model/lean.py packed_selected: the same math on the same weights, padding-free); megatron's
+    schedule still runs the backward and the gradient reduction, so DDP, LoRA and the optimizer
+    see no difference."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    lean = lean and lean_decode.supports(unwrap(model))
     if forward_only and lean:
         with torch.no_grad():
             return [loss_fn(_lean_selected(model, s), i)[1] for i, s in enumerate(sides)]
@@ -58,7 +58,7 @@ def run(model, sides: list[SideBatch], loss_fn: Callable, *, forward_only: bool,
 
 
 def _lean_selected(model, side: SideBatch) -> torch.Tensor:
-    return lean_decode.packed_selected(model, side.tokens, side.lengths, side.predict_index)
+    return packed_selected(model, side.tokens, side.lengths, side.predict_index)
 
 
 def _scaled(result: tuple, n: int) -> tuple:

@@ -1,6 +1,6 @@
 """The study: every method from the same warm start, data and budget; then tables and plots.
 
-Methods (ATESD_SPEC section 5): fixed alpha in {0, .25, .5, .75, 1 (= OPSD)}, uniform-random
+Methods (docs/METHOD.md, Baselines): fixed alpha in {0, .25, .5, .75, 1 (= OPSD)}, uniform-random
 alpha, learned alpha (ATESD) with the paper's reward ablations (one-step, G_lp only, full), SFT on
 the references and GRPO. Each (method, seed) is one run directory with metrics.jsonl and eval.json."""
 from __future__ import annotations

@@ -109,3 +109,18 @@ def load_problems(cfg: RunConfig) -> Problems:
     n_eval = min(len(held), d.synthetic_eval_size) if d.eval_data_path else 0
     return Problems(tokenizer=tok, train=train, train_exclude=exclude,
                     probe=[train[i] for i in exclude], eval=[held[i] for i in range(n_eval)])
+
+
+class ReferenceTokens:
+    """The reference solution as the assistant's answer: its tokens + EOS, cached per example
+    (synthetic examples built on the fly have index -1 and are cached by identity)."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self._cache: dict[int, list[int]] = {}
+
+    def __call__(self, ex) -> list[int]:
+        key = id(ex) if ex.index < 0 else ex.index
+        if key not in self._cache:
+            self._cache[key] = self.tokenizer.encode(ex.solution) + [self.tokenizer.eos_id]
+        return self._cache[key]

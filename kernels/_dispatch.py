@@ -4,7 +4,7 @@ Every op takes `backend="auto" | "triton" | "torch"`:
 
 * ``auto``   -> Triton when the tensors live on CUDA, torch otherwise.
 * ``triton`` -> always the Triton kernels. On CPU this only works under the Triton interpreter
-  (``TRITON_INTERPRET=1`` set before this package is imported, see PLATFORM_NOTES section 2); the
+  (``TRITON_INTERPRET=1`` set before this package is imported, see docs/PLATFORM.md, Triton); the
   tests use it to run the kernels on small shapes.
 * ``torch``  -> the chunked pure-torch path (same algorithm and memory bound as the kernels).
 

@@ -1,5 +1,5 @@
-"""In-process fork harness for multi-rank tests on gloo (PLATFORM_NOTES: forking after megatron is
-imported in the parent starts ranks in ~0.1 s, versus ~10 s per torchrun launch)."""
+"""In-process fork harness for multi-rank tests on gloo (docs/PLATFORM.md, Tests): forking after
+megatron is imported in the parent starts ranks in ~0.1 s, versus ~10 s per torchrun launch."""
 from __future__ import annotations
 
 import multiprocessing as mp

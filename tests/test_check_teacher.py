@@ -10,9 +10,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 def _measure(cfg):
     import check_teacher
-    from atesd_mc.trainer import Trainer
+    from atesd_mc.trainer import build_trainer
 
-    return check_teacher.measure(Trainer(cfg), 8)
+    return check_teacher.measure(build_trainer(cfg), 8)
 
 
 def test_check_teacher_reports_student_and_every_alpha(tmp_path):

@@ -43,7 +43,7 @@ def _argv(run_dir, cache_dir, iters=ITERS):
 
 
 def _cfg(run_dir, cache_dir, iters=ITERS):
-    from atesd_mc.config import parse_config
+    from atesd_mc.config_io import parse_config
 
     return parse_config(_argv(run_dir, cache_dir, iters))
 
@@ -65,9 +65,9 @@ def _weights(trainer):
 
 
 def _straight(cfg, n):
-    from atesd_mc.trainer import Trainer
+    from atesd_mc.trainer import build_trainer
 
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
     return [(r["loss"], r["alpha"]) for r in (trainer.train_step() for _ in range(n))], _weights(trainer)
 
 
@@ -76,12 +76,11 @@ def _die_during_save(cfg, phase):
     from megatron.core import dist_checkpointing
 
     from atesd_mc import checkpoint as ckpt
-    from atesd_mc import run_state
-    from atesd_mc.trainer import Trainer
+    from atesd_mc.trainer import build_trainer
 
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
     trainer.train_step()
-    run_state.save(trainer)
+    trainer.save_checkpoint()
     trainer.train_step()
 
     def die(*a, **k):
@@ -93,20 +92,19 @@ def _die_during_save(cfg, phase):
         ckpt.save_torch = die
     elif phase == "before_tracker":  # iter_0000002 renamed into place, the tracker not updated
         ckpt.write_tracker = die
-    run_state.save(trainer)
+    trainer.save_checkpoint()
     return "not killed"
 
 
 def _resume(cfg, n):
-    from atesd_mc import run_state
-    from atesd_mc.trainer import Trainer
+    from atesd_mc.trainer import build_trainer
 
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
     start = trainer.step
     records = []
     for _ in range(n):  # save every step, as --save-interval 1 does
         records.append(trainer.train_step())
-        run_state.save(trainer)
+        trainer.save_checkpoint()
     return start, [(r["loss"], r["alpha"]) for r in records], _weights(trainer)
 
 
@@ -172,12 +170,11 @@ def test_sigkill_of_the_cli_while_iter_tmp_exists(tmp_path):
 
 
 def _save_after_one_step(cfg):
-    from atesd_mc import run_state
-    from atesd_mc.trainer import Trainer
+    from atesd_mc.trainer import build_trainer
 
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
     trainer.train_step()
-    run_state.save(trainer)
+    trainer.save_checkpoint()
     return trainer.step
 
 
@@ -237,10 +234,10 @@ def _damaged_copy(good, tmp_path, name):
 
 
 def _load_error(cfg):
-    from atesd_mc.trainer import Trainer
+    from atesd_mc.trainer import build_trainer
 
     try:
-        trainer = Trainer(cfg)
+        trainer = build_trainer(cfg)
         trainer.train_step()  # a silently corrupted checkpoint may only fail here
     except BaseException as e:  # noqa: B036 - CheckpointException is a BaseException
         return type(e).__module__ + "." + type(e).__name__, str(e)

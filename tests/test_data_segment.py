@@ -1,4 +1,5 @@
-"""Segmentation of reference solutions and final-answer extraction (SPEC §2)."""
+"""Segmentation of reference solutions and final-answer extraction (docs/METHOD.md, Segments
+and the final answer)."""
 from __future__ import annotations
 
 import pytest

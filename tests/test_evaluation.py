@@ -1,4 +1,5 @@
-"""Answer extraction and checking, metrics, benchmark loading, results (SPEC §4)."""
+"""Answer extraction and checking, metrics, benchmark loading, results
+(docs/METHOD.md, Evaluation)."""
 from __future__ import annotations
 
 import json

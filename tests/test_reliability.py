@@ -18,18 +18,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _nan_run(cfg, n):
-    from atesd_mc import run_state
     from atesd_mc.model.qwen3 import unwrap
-    from atesd_mc.trainer import Trainer
+    from atesd_mc.trainer import build_trainer
 
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
     before = {k: v.clone() for k, v in unwrap(trainer.model).state_dict().items() if torch.is_tensor(v)}
     records, weights_after = [], []
     for _ in range(n):
         records.append(trainer.train_step())
         weights_after.append({k: v.clone() for k, v in unwrap(trainer.model).state_dict().items()
                               if torch.is_tensor(v)})
-    run_state.save(trainer)
+    trainer.save_checkpoint()
     state = torch.load(os.path.join(cfg.run_dir, "iter_%07d" % n, "trainer_state.pt"), weights_only=True)
     return records, before, weights_after, state
 
@@ -49,9 +48,9 @@ def test_nan_step_is_skipped_counted_and_training_continues(tmp_path):
 
 
 def _too_many(cfg, n):
-    from atesd_mc.trainer import Trainer
+    from atesd_mc.trainer import build_trainer
 
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
     try:
         for _ in range(n):
             trainer.train_step()

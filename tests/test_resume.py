@@ -20,13 +20,12 @@ def _weights(trainer):
 
 
 def _steps(cfg, n, save_at_end):
-    from atesd_mc import run_state
-    from atesd_mc.trainer import Trainer
+    from atesd_mc.trainer import build_trainer
 
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
     records = [trainer.train_step() for _ in range(n)]
     if save_at_end:
-        run_state.save(trainer)
+        trainer.save_checkpoint()
     return [(r["loss"], r["alpha"]) for r in records], _weights(trainer), trainer.step
 
 

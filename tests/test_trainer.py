@@ -6,7 +6,7 @@ import torch
 
 from harness import run_distributed
 
-from atesd_mc.config import config_from_dict
+from atesd_mc.config_io import config_from_dict
 
 TINY = {"num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 128, "num_attention_heads": 4,
         "num_query_groups": 2, "kv_channels": 16, "seq_length": 160}
@@ -25,14 +25,14 @@ def _cfg(tmp, **train):
 
 
 def _run_steps(cfg, n):
-    from atesd_mc.trainer import Trainer
+    from atesd_mc.trainer import build_trainer
 
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
     return [trainer.train_step() for _ in range(n)]
 
 
 def test_lm_loss_falls_over_50_steps(tmp_path):
-    cfg = _cfg(tmp_path, atesd_algorithm="lm", train_iters=50, lr=3e-3)
+    cfg = _cfg(tmp_path, atesd_algorithm="sft", train_iters=50, lr=3e-3)
     records = run_distributed(_run_steps, world=1, args=(cfg, 50))[0]
     losses = [r["loss"] for r in records]
     assert all(torch.isfinite(torch.tensor(losses)))

@@ -1,6 +1,8 @@
 """Throughput of one ATESD step, stage by stage, on random weights (no download, no data).
 
-Each step runs what atesd_mc.trainer.Trainer.distill_step runs, on synthetic fixed-length sequences:
+Each step runs the trainer's own stage functions (atesd_mc/stages.py, as atesd_mc/steps.py's
+distill_step calls them) on the trainer's own runtime (atesd_mc/runtime.py), on synthetic
+fixed-length sequences:
 
   rollout    atesd_mc.generation.generate: KV-cache sampling of --new-tokens tokens after a
              --prompt-len prompt, for --batch prompts (no EOS, so every rollout has the full length)
@@ -97,11 +99,11 @@ def _name(args) -> str:
 
 
 def load_config(args, rest, world: int):
-    from atesd_mc.config import parse_config
+    from atesd_mc.config_io import parse_config
 
     path = args.config or os.path.join(REPO, PRESETS[args.model])
     dp = max(1, world // (args.tp * args.pp))
-    cfg = parse_config(["--config", path, "--tensor-model-parallel-size", str(args.tp),
+    cfg = parse_config(["--config", path, "--seed", str(args.seed), "--tensor-model-parallel-size", str(args.tp),
                         "--pipeline-model-parallel-size", str(args.pp),
                         "--micro-batch-size", str(args.micro_batch),
                         "--global-batch-size", str(args.batch * dp), *rest])
@@ -187,93 +189,71 @@ class StageTimer:
 
 
 class Bench:
-    """The trainer's objects (model, LoRA, DDP, optimizer, teacher) built on random weights."""
+    """The trainer's runtime (model, LoRA, DDP, optimizer, teacher, engine) on random weights."""
 
     def __init__(self, cfg, args):
         import torch
 
-        from atesd_mc import distributed
-        from atesd_mc.model.lora import add_lora
+        from atesd_mc import distributed, engine
         from atesd_mc.model.qwen3 import build_stage, padded_vocab_size
-        from atesd_mc.model.teacher import Teacher
-        from atesd_mc.optim import build_optimizer, build_scheduler, count_params, wrap_ddp
+        from atesd_mc.optim import count_params
+        from atesd_mc.runtime import build_runtime
 
         self.cfg, self.args = cfg, args
         p = cfg.parallel
         self.info = distributed.initialize(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                                            args.seed, p.distributed_backend, p.distributed_timeout_minutes)
         self.dp = cfg.validate_world(self.info.world_size)
-        self.device = distributed.device()
         self.vocab = cfg.model.vocab_size or cfg.data.synthetic_vocab_size
         self.padded_vocab = padded_vocab_size(self.vocab, cfg.model.make_vocab_size_divisible_by, self.info.tp)
-        self.model = build_stage(cfg.model, p, self.vocab)
-        if cfg.model.lora_rank:
-            add_lora(self.model, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_targets, args.seed)
-        self.params = count_params(self.model)
-        self.ddp = wrap_ddp(self.model, p)
-        self.optimizer = build_optimizer(self.ddp, cfg.train, p)
-        self.scheduler = build_scheduler(self.optimizer, cfg.train)
-        self.teacher = Teacher(cfg.model.resolved_teacher_mode, self.model,
-                               lambda: build_stage(cfg.model, p, self.vocab), cfg.model.teacher_ema_decay)
-        self.dtype = str(next(self.model.parameters()).dtype).replace("torch.", "")
+        model = build_stage(cfg.model, p, self.vocab)
+        eng = engine.resolve(cfg.generation.inference_engine, cfg.train.train_engine, model)
+        self.rt = build_runtime(cfg, self.info, eng, model, self.vocab, eos_id=None)
+        self.params = count_params(self.rt.model)
+        self.dtype = str(next(self.rt.model.parameters()).dtype).replace("torch.", "")
         self.torch = torch
 
     def _random(self, gen, n: int, length: int) -> list[list[int]]:
         return self.torch.randint(1, self.vocab, (n, length), generator=gen).tolist()
 
+    def _pairs(self, prompts, contexts, rollouts) -> list:
+        """Student [prompt ; rollout] and teacher [context ; rollout] micro-batches."""
+        import torch
+
+        from atesd_mc.batching import PairBatch, build_side
+
+        dev, mb = self.rt.device, self.args.micro_batch
+        pairs = []
+        for i in range(0, self.args.batch, mb):
+            c = slice(i, i + mb)
+            student, ids = build_side(prompts[c], rollouts[c], dev)
+            pairs.append(PairBatch(student=student, teacher=build_side(contexts[c], rollouts[c], dev)[0],
+                                   rollout_ids=ids,
+                                   rollout_lengths=torch.tensor([len(r) for r in rollouts[c]], device=dev)))
+        return pairs
+
     def step(self, it: int, timer: StageTimer) -> None:
         import torch
 
-        from atesd_mc import distributed, schedule
-        from atesd_mc.batching import build_side, per_sequence_weights
-        from atesd_mc.generation import SamplingParams, generate
-        from atesd_mc.losses import distill_loss
-        from atesd_mc.model.qwen3 import local_vocab_range, output_weight, tp_input, unwrap
-        from atesd_mc.optim import optimizer_step, zero_grads
+        from atesd_mc import stages
+        from atesd_mc.generation import SamplingParams
 
-        a, cfg, g = self.args, self.cfg, self.cfg.generation
+        a, rt, g = self.args, self.rt, self.cfg.generation
         gen = torch.Generator().manual_seed(a.seed * 1000 + it * 97 + self.info.dp_rank)
         prompts = self._random(gen, a.batch, a.prompt_len)
         contexts = [p + r for p, r in zip(prompts, self._random(gen, a.batch, a.reference_len))]
         params = SamplingParams(max_new_tokens=a.new_tokens, temperature=g.rollout_temperature, top_p=g.top_p,
-                                top_k=g.top_k, eos_id=None, engine=g.inference_engine)
+                                top_k=g.top_k, eos_id=None)
         with timer("rollout"):
-            rollouts = generate(self.ddp, prompts, params, gen).tokens
+            rollouts = stages.rollouts(rt, prompts, params, gen).tokens
         assert all(len(r) == a.new_tokens for r in rollouts), "rollouts must have the synthetic length"
-        mb = a.micro_batch
-        chunks = [slice(i, i + mb) for i in range(0, a.batch, mb)]
-        students, teachers, ids, weights = [], [], [], []
-        for c in chunks:
-            side, rid = build_side(prompts[c], rollouts[c], self.device)
-            students.append(side)
-            ids.append(rid)
-            teachers.append(build_side(contexts[c], rollouts[c], self.device)[0])
-            weights.append(per_sequence_weights(torch.tensor([len(r) for r in rollouts[c]]), a.batch).to(self.device))
+        pairs = self._pairs(prompts, contexts, rollouts)
         with timer("teacher"):
-            with self.teacher.context() as teacher_model:
-                h_teacher = [o["h"] for o in schedule.run(
-                    teacher_model, teachers, lambda h, i: (h.sum() * 0, {"h": h.detach()}), forward_only=True,
-                    lean=g.inference_engine == "auto")]
-        w_s = output_weight(self.model)
-        w_t = None if self.teacher.module is unwrap(self.model) else output_weight(self.teacher.module)
-        _, _, valid = local_vocab_range(self.model, self.info.tp_rank, self.info.tp)
-
-        def loss_fn(h, i):
-            # bf16 runs: megatron's Float16Module (the DDP-wrapped student) upcasts the last stage's
-            # output to fp32, while the output weight stays bf16; the fused loss needs one dtype.
-            if h.dtype != w_s.dtype:
-                h = h.to(w_s.dtype)
-            loss = distill_loss(tp_input(h), h_teacher[i], w_s, w_t, valid, weights[i].to(h.dtype), cfg.loss,
-                                ids[i])
-            return loss, {"loss": loss.detach().clone()}
-
+            h_teacher = stages.teacher_forward(rt, [p.teacher for p in pairs])
         with timer("student"):
-            zero_grads(self.ddp, self.optimizer)
-            schedule.run(self.ddp, students, loss_fn, forward_only=False,
-                         lean=distributed.lean_training(cfg.train.train_engine))
+            stages.distill_backward(rt, pairs, h_teacher, a.batch)
         with timer("optimizer"):
-            optimizer_step(self.optimizer, self.scheduler)
-            self.teacher.after_optimizer_step()
+            stages.optimizer_update(rt, 0.0)
 
     def flops_and_tokens(self) -> tuple[dict, dict]:
         """Global FLOPs and tokens per step for each stage (all data-parallel replicas)."""
@@ -447,6 +427,7 @@ def main(argv=None) -> int:
             f"teacher context {args.prompt_len + args.reference_len} + rollout; micro-batch {args.micro_batch}; "
             f"{args.steps} timed steps after {args.warmup} warm-up; attention FLOPs "
             f"{'causal half' if args.causal_flops else 'full s^2'}",
+            bench.rt.engine.describe(),
         ]
         print_report(rows, header)
         settings = {"argv": sys.argv[1:], "model_config": {k: getattr(m, k) for k in m.__slots__},

@@ -21,31 +21,27 @@ sys.path.insert(0, ROOT)
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
-def _selected_logprobs(trainer, model, side, w, valid):
-    """Log-probs [R, V] at the rows of `side` that predict response tokens (forward only)."""
+def _log_probs(h, w, valid):
+    """Log-probs [R, V] from hidden states [R, h] at the rows that predict response tokens."""
     import torch
 
-    from atesd_mc import schedule
-
-    h = schedule.run(model, [side], lambda h, i: (h.sum() * 0, {"h": h.detach()}),
-                     forward_only=True, lean=trainer.lean)[0]["h"]
     return (h.float() @ w[:valid].float().t()).log_softmax(-1).to(torch.float64)
 
 
-def _novel_value_positions(trainer, rollouts):
+def _novel_value_positions(cfg, tok, rollouts):
     """(flat index, true value token) where a rollout writes the value of a novel fact."""
     from atesd_mc.data.synthetic import hidden_table, key_id, novel_keys
     from atesd_mc.tasks import synthetic_task_config
 
-    task = synthetic_task_config(trainer.cfg)
+    task = synthetic_task_config(cfg)
     table, novel = hidden_table(task), novel_keys(task)
     out, off = [], 0
     for toks in rollouts:
-        text = [trainer.tok.decode([t]) for t in toks]
+        text = [tok.decode([t]) for t in toks]
         for j in range(2, len(toks)):
             key = text[j - 2]
             if text[j - 1] == "=" and len(key) == 1 and key.isalpha() and key_id(key) in novel:
-                digit = trainer.tok.encode(str(table[key_id(key)]))
+                digit = tok.encode(str(table[key_id(key)]))
                 if len(digit) == 1:
                     out.append((off + j, digit[0]))
         off += len(toks)
@@ -53,42 +49,46 @@ def _novel_value_positions(trainer, rollouts):
 
 
 def measure(trainer, n: int) -> list[dict]:
+    """The table's rows for the first n held-out problems of a built trainer (no training)."""
     import torch
 
-    from atesd_mc.batching import build_pair
+    from atesd_mc import stages
     from atesd_mc.evaluation import is_correct
-    from atesd_mc.exposure.reveal import revealed_count
     from atesd_mc.generation import generate_bucketed
 
-    held = list(trainer.problems.eval)[:n]
-    greedy = trainer.sampling(greedy=True)
+    rt, problems = trainer.rt, trainer.data.problems
+    tok = problems.tokenizer
+    held = list(problems.eval)[:n]
+    greedy = stages.sampling(rt, greedy=True)
 
     def accuracy(model, prompts):
-        out = generate_bucketed(model, prompts, greedy, torch.Generator().manual_seed(0))
-        return sum(is_correct(trainer.tok.decode(t, skip_special_tokens=True), ex.answer)
+        out = generate_bucketed(model, prompts, greedy, torch.Generator().manual_seed(0),
+                                lean=rt.engine.lean_decode)
+        return sum(is_correct(tok.decode(t, skip_special_tokens=True), ex.answer)
                    for ex, t in zip(held, out.tokens)) / len(held)
 
-    rows = [{"who": "student", "accuracy": accuracy(trainer.ddp, [ex.student.tolist() for ex in held])}]
-    rollouts = generate_bucketed(trainer.ddp, [ex.student.tolist() for ex in held], trainer.sampling(),
-                                 torch.Generator().manual_seed(1)).tokens
-    synthetic = not trainer.cfg.data.data_path
-    novel = _novel_value_positions(trainer, rollouts) if synthetic else []
-    w_s, w_t, valid = trainer._weights()
+    rows = [{"who": "student", "accuracy": accuracy(rt.ddp, [ex.student.tolist() for ex in held])}]
+    rollouts = generate_bucketed(rt.ddp, [ex.student.tolist() for ex in held], stages.sampling(rt),
+                                 torch.Generator().manual_seed(1), lean=rt.engine.lean_decode).tokens
+    synthetic = not rt.cfg.data.data_path
+    novel = _novel_value_positions(rt.cfg, tok, rollouts) if synthetic else []
+    w = stages.output_weights(rt)
     with torch.no_grad():
         for alpha in ALPHAS:
-            pair = build_pair(held, rollouts, alpha, trainer.cfg.exposure.reveal_unit, trainer.device)
-            with trainer.teacher.context() as teacher:
-                acc = accuracy(teacher, [ex.teacher.tokens(revealed_count(alpha, ex.teacher.num_segments)).tolist()
+            pair = stages.teacher_contexts(rt, held, rollouts, alpha)
+            with rt.teacher.context() as teacher:
+                acc = accuracy(teacher, [ex.teacher.tokens_at(alpha, rt.cfg.exposure.reveal_unit).tolist()
                                          for ex in held])
-                lp_t = _selected_logprobs(trainer, teacher, pair.teacher, w_s if w_t is None else w_t, valid)
-            lp_s = _selected_logprobs(trainer, trainer.ddp, pair.student, w_s, valid)
+            lp_t = _log_probs(torch.cat(stages.teacher_forward(rt, [p.teacher for p in pair])), w.for_teacher,
+                              w.valid)
+            lp_s = _log_probs(torch.cat(stages.student_forward(rt, [p.student for p in pair])), w.student, w.valid)
             kl = (lp_t.exp() * (lp_t - lp_s)).sum(-1).mean().item()
             row = {"who": f"teacher alpha={alpha:g}", "accuracy": acc, "kl": kl}
             if novel:
                 idx = torch.tensor([i for i, _ in novel])
-                tok = torch.tensor([t for _, t in novel])
-                row["p_novel_teacher"] = lp_t[idx, tok].exp().mean().item()
-                row["p_novel_student"] = lp_s[idx, tok].exp().mean().item()
+                tok_ids = torch.tensor([t for _, t in novel])
+                row["p_novel_teacher"] = lp_t[idx, tok_ids].exp().mean().item()
+                row["p_novel_student"] = lp_s[idx, tok_ids].exp().mean().item()
                 row["novel_positions"] = len(novel)
             rows.append(row)
     return rows
@@ -100,12 +100,12 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=100, help="held-out problems")
     p.add_argument("extra", nargs="*", help="run flags (after --), e.g. --seed 1")
     args = p.parse_args(argv)
-    from atesd_mc.config import parse_config
-    from atesd_mc.trainer import Trainer
+    from atesd_mc.config_io import parse_config
+    from atesd_mc.trainer import build_trainer
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = parse_config(["--config", args.config, "--save", tmp, "--no-progress-bar", *args.extra])
-        rows = measure(Trainer(cfg), args.n)
+        rows = measure(build_trainer(cfg), args.n)
     print(f"| (n = {args.n} held-out problems) | greedy accuracy | KL(T||S) per rollout token "
           "| p(true novel value): teacher | student |")
     print("|---|---|---|---|---|")

@@ -1,4 +1,4 @@
-"""Avg@k / Pass@k / Maj@k of a checkpoint on math benchmarks (ATESD_SPEC section 4).
+"""Avg@k / Pass@k / Maj@k of a checkpoint on math benchmarks (docs/METHOD.md, Evaluation).
 
     python tools/evaluate.py --load CKPT --data ../shared/data/math_eval/aime24.jsonl -k 12 \
         --temperature 1.0 --top-p 0.95 --max-new-tokens 38912 [--output results.json]

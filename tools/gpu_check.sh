@@ -12,7 +12,7 @@
 #   6. tools/bench_throughput.py: qwen3_1p7b, TP=1 (rollout / teacher / student / optimizer)
 #   7. tools/bench_throughput.py: qwen3_8b, TP=1, when the GPU has >= 70 GiB (OOM is reported, not fatal);
 #      then qwen3_1p7b again with both engines swapped (--inference-engine megatron: rollouts through
-#      megatron's layers; --train-engine lean: the student through atesd_mc/lean_decode.py) if the
+#      megatron's layers; --train-engine lean: the student through atesd_mc/model/lean.py) if the
 #      budget allows
 #   8. summary table (also summary.md / summary.json)
 #
@@ -254,8 +254,8 @@ PYEOF
         --csv "$OUTDIR/throughput.csv" --json "$OUTDIR/throughput_qwen3_8b.json"
     fi
     # last, with what is left: the 1.7B with both engines swapped against auto on GPU, i.e. the
-    # rollout through megatron's layers instead of lean_decode and the student's forward + backward
-    # through lean_decode's padding-free path instead of megatron's (TE) layers
+    # rollout through megatron's layers instead of model/lean.py and the teacher's and student's
+    # passes through model/lean.py's padding-free path instead of megatron's (TE) layers
     step throughput_qwen3_1p7b_swapped_engines 120 "$PY" tools/bench_throughput.py --model qwen3_1p7b --tp 1 \
       --batch 8 --prompt-len 256 --reference-len 512 --new-tokens 256 --steps 2 --warmup 1 --allow-oom \
       --label qwen3_1p7b_swapped_engines --inference-engine megatron --train-engine lean \

@@ -9,7 +9,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 
 def main(argv=None) -> int:
-    from atesd_mc.config import ConfigError, parse_config
+    from atesd_mc.config import ConfigError
+    from atesd_mc.config_io import parse_config
 
     try:
         cfg = parse_config(argv)
@@ -26,10 +27,10 @@ def main(argv=None) -> int:
     from atesd_mc.checkpoint import CheckpointError
     from atesd_mc.data.store import StoreError
     from atesd_mc.data.tokenizer import TokenizerError
-    from atesd_mc.trainer import Trainer
+    from atesd_mc.trainer import build_trainer
 
     try:
-        trainer = Trainer(cfg)
+        trainer = build_trainer(cfg)
     except (ConfigError, CheckpointError, StoreError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -40,6 +41,7 @@ def main(argv=None) -> int:
         print(f"atesd-mc: {cfg.name} | world {info.world_size} (tp {info.tp}, pp {info.pp}, dp {info.dp}) | "
               f"backend {distributed.backend_for(cfg.parallel.distributed_backend)} | layer spec "
               f"{resolve_impl(cfg.model.transformer_impl)} | run dir {cfg.run_dir}", flush=True)
+        print(trainer.rt.engine.describe(), flush=True)
     try:
         trainer.run()
     except Exception as e:

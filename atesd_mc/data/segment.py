@@ -1,4 +1,5 @@
-"""Split a reference solution y* into reasoning segments r_1..r_m and a final answer A (SPEC §2).
+"""Split a reference solution y* into reasoning segments r_1..r_m and a final answer A
+(docs/METHOD.md, Segments and the final answer).
 
 Segment unit: paragraphs (blank lines); when that gives fewer than 4, lines; when that still
 gives fewer than 4, sentences. If no unit reaches 4 the one with the most segments wins, the

@@ -18,7 +18,7 @@ segmenter cuts it into m line segments and a reveal ratio alpha = 0.5 shows the 
 the n lookup lines, whatever n is; alpha in (0.5, 1) adds the reference's partial sums and
 alpha = 1 the boxed line too.
 
-Why this shape (ATESD_SPEC §6): the teacher must hold something privileged that stays valid on
+Why this shape (docs/METHOD.md, Test bed): the teacher must hold something privileged, valid on
 the student's own rollouts. A fraction ``novel_fraction`` of the keys is *novel*: in the warm
 start (see ``warm_start_examples``) every novel key gets a fresh random value in every example,
 so the weights cannot learn the true novel facts (the student is left at chance on them, 1/9),

@@ -1,4 +1,4 @@
-"""Beta policy over the reveal ratio (ATESD_SPEC §3) and the Beta-distribution maths it needs.
+"""Beta policy over the reveal ratio (docs/METHOD.md, Controller: Policy) and the Beta-distribution maths it needs.
 
 (a, b) = 1 + softplus(f_phi(s)), so a, b > 1 and the density is unimodal and zero at 0 and 1.
 Density maths (log-prob, entropy) is in torch so it is differentiable. The CDF and its inverse

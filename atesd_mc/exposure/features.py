@@ -1,4 +1,4 @@
-"""Controller state s (ATESD_SPEC §3): six features, each normalised by a running mean/std.
+"""Controller state s (docs/METHOD.md, Controller: State): six features, each normalised by a running mean/std.
 
   1 progress      fraction of student updates done, t / T_total
   2 alpha_ema     EMA of the alpha in use

@@ -1,4 +1,4 @@
-"""Decision rewards (ATESD_SPEC §3) and the per-step signal series they are computed from.
+"""Decision rewards (docs/METHOD.md, Controller: Reward) and the per-step signal series they are computed from.
 
 Index convention: l_t / g_t are the values *at the start of* student update t, i.e. measured
 after update t-1. The trainer's observe(step=t) after update t therefore records index t+1, and

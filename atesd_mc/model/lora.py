@@ -167,28 +167,41 @@ def add_lora(model, rank: int, alpha: float, targets: list[str], seed: int) -> L
                                  dtype=cfg.params_dtype, sequence_parallel=sp)
                 container.adapters[key.replace(".", "_")] = ad
                 local[t] = ad
-            module.register_forward_hook(_make_hook(container, local, names, cfg, tp, sp))
+            module.lora_delta = _make_delta(container, local, names, cfg, tp, sp)
+            module.register_forward_hook(_hook)
     model.lora = container
     return container
 
 
-def _make_hook(container, local, names, cfg, tp, sp):
+def _make_delta(container, local, names, cfg, tp, sp):
+    """y -> y + scale * (B A x) for one linear module's adapters (y unchanged while disabled)."""
     kind = _TARGETS[names[0]][1]
     if kind == "column":
         layout = _qkv_layout(cfg, tp) if names[0] in ("q", "k", "v") else _fc1_layout(cfg, tp)
 
-    def hook(module, args, output):
+    def delta(x, y):
         if not container.enabled:
-            return output
-        out, bias = output
-        x = args[0]
+            return y
         if kind == "column":
-            delta = _column_delta(x, local, names, layout, sp)
+            d = _column_delta(x, local, names, layout, sp)
         else:
-            delta = _row_delta(x, local[names[0]], sp)
-        return out + container.scale * delta.to(out.dtype), bias
+            d = _row_delta(x, local[names[0]], sp)
+        return y + container.scale * d.to(y.dtype)
 
-    return hook
+    return delta
+
+
+def adapted(module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The output y = x W^T of a linear `module` plus its LoRA adapters' contribution: the public
+    way for code that runs a module's weight itself (model/lean.py) to apply the adapters."""
+    delta = getattr(module, "lora_delta", None)
+    return y if delta is None else delta(x, y)
+
+
+def _hook(module, args, output):
+    """Megatron's linears return (output, bias): the adapters add to the output."""
+    out, bias = output
+    return adapted(module, args[0], out), bias
 
 
 def lora_of(model) -> LoRAAdapters | None:

@@ -1,6 +1,6 @@
 """The teacher: the same network with other weights, scoring the student's rollout in no-grad.
 
-Modes (ATESD_SPEC section 1):
+Modes (docs/METHOD.md, Teacher weights):
 * lora_off    - the student's module with adapters disabled: base weights = theta_0 (no copy).
 * frozen_copy - a second stage built like the student, loaded with theta_0, never updated.
 * ema         - like frozen_copy, then p_T <- d p_T + (1 - d) p_S after every optimizer step.

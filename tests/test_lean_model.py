@@ -1,4 +1,5 @@
-"""The plain-torch decode path equals megatron's layers: logits at every position, and tokens."""
+"""The plain-torch model path (atesd_mc/model/lean.py) equals megatron's layers: logits at every
+position, sampled tokens, gradients; and it runs only on settings on its allow-list."""
 import torch
 
 from harness import run_distributed
@@ -18,11 +19,11 @@ def _rows(n=3, seed=5):
 
 def _lean_vs_full(model):
     """Logits of every position: chunked prefill (9 tokens) then one token at a time, vs full_logits."""
-    from atesd_mc.lean_decode import LeanDecoder, supports
+    from atesd_mc.model.lean import LeanDecoder, unsupported
     from atesd_mc.model.qwen3 import full_logits, unwrap
 
     inner = unwrap(model)
-    assert supports(inner)
+    assert unsupported(inner) is None
     rows = _rows()
     with torch.no_grad():
         ref = full_logits(model, rows)  # [b, s, V_real]
@@ -64,28 +65,58 @@ def _sampled(engine, seed):
     model = _build(**ODD)
     g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in (5, 11, 8, 17)]
-    params = SamplingParams(max_new_tokens=12, temperature=1.1, top_p=0.95, top_k=20, eos_id=7,
-                            engine=engine)
-    out = generate(model, prompts, params, torch.Generator().manual_seed(seed))
+    params = SamplingParams(max_new_tokens=12, temperature=1.1, top_p=0.95, top_k=20, eos_id=7)
+    out = generate(model, prompts, params, torch.Generator().manual_seed(seed), lean=engine == "lean")
     return out.tokens, out.finished
 
 
 def test_lean_engine_samples_the_tokens_megatron_samples():
     for seed in (0, 1, 2):
-        lean = run_distributed(_sampled, world=1, args=("auto", seed))[0]
+        lean = run_distributed(_sampled, world=1, args=("lean", seed))[0]
         mega = run_distributed(_sampled, world=1, args=("megatron", seed))[0]
         assert lean == mega
         assert any(len(t) > 1 for t in lean[0])
 
 
-def _supported_at_tp2():
-    from atesd_mc.lean_decode import supports
+def _engine_at_tp2():
+    from atesd_mc import engine
 
-    return supports(_build(2))
+    eng = engine.resolve("auto", "lean", _build(2))
+    return eng.decode, eng.forward, eng.describe()
 
 
 def test_not_used_when_a_rank_holds_a_shard():
-    assert run_distributed(_supported_at_tp2, world=2, tp=2) == [False, False]
+    for decode, forward, line in run_distributed(_engine_at_tp2, world=2, tp=2):
+        assert decode == forward == "megatron"
+        assert "tensor_model_parallel_size=2" in line, line
+
+
+def _allow_list():
+    """The whole model on one rank runs lean; a setting outside the allow-list sends it to
+    megatron's layers, named in the engine's log line."""
+    from atesd_mc import engine
+    from atesd_mc.model.lean import unsupported
+    from atesd_mc.model.qwen3 import unwrap
+
+    inner = unwrap(_build(**ODD))
+    out = {"plain": unsupported(inner), "auto": engine.resolve("auto", "auto", inner)}
+    for name, value in (("softmax_scale", 0.5), ("window_size", (8, 0)), ("hidden_dropout", 0.1),
+                        ("fp32_residual_connection", True)):
+        saved = getattr(inner.config, name)
+        setattr(inner.config, name, value)
+        out[name] = (unsupported(inner), engine.resolve("auto", "lean", inner))
+        setattr(inner.config, name, saved)
+    return out
+
+
+def test_allow_list_sends_unknown_settings_to_megatron():
+    out = run_distributed(_allow_list, world=1)[0]
+    assert out["plain"] is None
+    assert out["auto"].decode == "lean" and out["auto"].forward == "lean"  # CPU: auto is lean
+    for name in ("softmax_scale", "window_size", "hidden_dropout", "fp32_residual_connection"):
+        reason, eng = out[name]
+        assert reason is not None and reason.startswith(name + "="), (name, reason)
+        assert eng.decode == eng.forward == "megatron" and name in eng.describe(), (name, eng)
 
 
 def _records(cfg, n):

@@ -3,6 +3,7 @@
 Only global rank 0 writes; every call is a no-op elsewhere."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -11,23 +12,33 @@ import time
 
 
 class Timer:
-    """Accumulates wall time per stage for one step."""
+    """Wall time per stage of one step. On CUDA the device is synchronised before each clock read:
+    kernels run asynchronously, and without it a stage's time would land on the next stage that
+    waits for the device (and with it the per-stage tokens/s and MFU)."""
 
     def __init__(self):
         self.times: dict[str, float] = {}
-        self._start: dict[str, float] = {}
 
-    def start(self, name: str) -> None:
-        self._start[name] = time.perf_counter()
-
-    def stop(self, name: str) -> float:
-        dt = time.perf_counter() - self._start.pop(name)
-        self.times[name] = self.times.get(name, 0.0) + dt
-        return dt
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        _synchronize()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            _synchronize()
+            self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - start
 
     def reset(self) -> dict[str, float]:
         out, self.times = self.times, {}
         return out
+
+
+def _synchronize() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def _fmt(value) -> str:

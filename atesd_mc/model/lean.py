@@ -14,9 +14,10 @@ layer, in two layouts:
   backward). GEMMs, norms and the MLP see only real tokens; attention alone runs on right-padded
   rows, gathered and scattered by index (its FLOPs are a few percent of the step here).
 
-Forward hooks on the linear modules (LoRA adapters, see model/lora.py) are honoured, so a LoRA
-student and the lora_off teacher run as in megatron. Anything else falls back to megatron's path
-(see `supports`); tests compare logits, gradients and sampled tokens with it.
+LoRA adapters are applied through model/lora.py's public `adapted`, so a LoRA student and the
+lora_off teacher run as in megatron. The path runs only on settings it is known to implement
+(`unsupported`: an allow-list); anything else runs megatron's layers, and atesd_mc/engine.py logs
+why. tests/test_lean_model.py compares logits, gradients and sampled tokens with megatron's path.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from atesd_mc import distributed
+from atesd_mc.model.lora import adapted
 
 
 def _norm_weight(norm_module, fused_linear) -> torch.Tensor:
@@ -34,36 +36,83 @@ def _norm_weight(norm_module, fused_linear) -> torch.Tensor:
     return fused_linear.layer_norm_weight
 
 
-def supports(model) -> bool:
-    """True when `model` (unwrapped GPTModel) is a whole Qwen3-shaped model on one rank."""
+# TransformerConfig fields the lean path implements, with the only values it implements.
+REQUIRED = {
+    "normalization": "RMSNorm", "gated_linear_unit": True, "activation_func": F.silu,
+    "add_bias_linear": False, "add_qkv_bias": False, "qk_layernorm": True,
+    "hidden_dropout": 0.0, "attention_dropout": 0.0,
+    "tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1, "context_parallel_size": 1,
+}
+# Fields the path reads as they are (shapes, epsilon), or that do not change a whole-model rank's
+# forward: dtypes, initialisation, fusion switches (the lean path fuses nothing), hooks that DDP and
+# the optimizer install, pipeline-schedule settings. Every other field must keep megatron's default:
+# a setting this list does not know (a new megatron option included) sends the model to megatron's
+# layers instead of being assumed off.
+FREE = {
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+    "kv_channels", "layernorm_epsilon", "init_method_std", "init_method", "output_layer_init_method",
+    "embedding_init_method", "perform_initialization", "use_cpu_initialization", "params_dtype",
+    "pipeline_dtype", "bf16", "fp16", "autocast_dtype", "variable_seq_lengths", "sequence_parallel",
+    "moe_token_dispatcher_type", "gradient_accumulation_fusion", "bias_activation_fusion",
+    "masked_softmax_fusion", "persist_layer_norm", "apply_rope_fusion", "bias_dropout_fusion",
+    "cross_entropy_loss_fusion", "finalize_model_grads_func", "no_sync_func", "grad_sync_func",
+    "param_sync_func", "grad_scale_func", "timers", "barrier_with_L1_time",
+    "deallocate_pipeline_outputs", "batch_p2p_comm", "batch_p2p_sync", "overlap_p2p_comm",
+    "tp_comm_overlap", "defer_embedding_wgrad_compute", "wgrad_deferral_limit",
+}
+
+
+def _same(a, b) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # tensors or objects without a plain equality
+        return a is b
+
+
+def _config_difference(cfg) -> str | None:
+    """The first field of `cfg` outside the allow-list, as 'name=value', or None."""
+    import dataclasses
+
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    for name, value in REQUIRED.items():
+        if hasattr(cfg, name) and not _same(getattr(cfg, name), value):
+            return f"{name}={getattr(cfg, name)!r}"
+    # Megatron's defaults for this shape: __post_init__ derives some fields from the shape ones.
+    shape = {k: getattr(cfg, k) for k in ("num_layers", "hidden_size", "num_attention_heads",
+                                          "num_query_groups", "kv_channels", "ffn_hidden_size")}
+    reference = TransformerConfig(**shape)
+    for f in dataclasses.fields(cfg):
+        if f.name in FREE or f.name in REQUIRED:
+            continue
+        if not _same(getattr(cfg, f.name), getattr(reference, f.name, None)):
+            return f"{f.name}={getattr(cfg, f.name)!r}"
+    return None
+
+
+def unsupported(model) -> str | None:
+    """None when `model` (an unwrapped GPTModel stage) is a whole Qwen3-shaped model the lean path
+    implements; otherwise the reason, e.g. 'tensor_model_parallel_size=2'."""
     from megatron.core import parallel_state as ps
 
-    cfg = model.config
-    if (ps.get_tensor_model_parallel_world_size() != 1 or ps.get_pipeline_model_parallel_world_size() != 1
-            or ps.get_context_parallel_world_size() != 1):
-        return False
-    if not (model.pre_process and model.post_process) or model.position_embedding_type != "rope":
-        return False
-    if (cfg.normalization != "RMSNorm" or not cfg.gated_linear_unit or cfg.add_bias_linear
-            or cfg.add_qkv_bias or not cfg.qk_layernorm or cfg.num_moe_experts
-            or cfg.multi_latent_attention or getattr(cfg, "attention_output_gate", False)):
-        return False
-    if (getattr(cfg, "softmax_scale", None) is not None or getattr(cfg, "window_size", None) is not None
-            or getattr(cfg, "apply_query_key_layer_scaling", False)):
-        return False
+    for name, size in (("tensor_model_parallel_size", ps.get_tensor_model_parallel_world_size()),
+                       ("pipeline_model_parallel_size", ps.get_pipeline_model_parallel_world_size()),
+                       ("context_parallel_size", ps.get_context_parallel_world_size())):
+        if size != 1:
+            return f"{name}={size}"
+    if not (model.pre_process and model.post_process):
+        return "a pipeline stage, not the whole model"
+    if model.position_embedding_type != "rope":
+        return f"position_embedding_type={model.position_embedding_type!r}"
     rope = model.rotary_pos_emb  # rotary over the whole head (rotary_percent 1), not interleaved
-    return (getattr(rope, "rotary_interleaved", False) is False and 2 * rope.inv_freq.numel() == cfg.kv_channels
-            and cfg.activation_func is F.silu)
+    if getattr(rope, "rotary_interleaved", False) or 2 * rope.inv_freq.numel() != model.config.kv_channels:
+        return "interleaved or partial rotary embedding"
+    return _config_difference(model.config)
 
 
 def _linear(module, x: torch.Tensor) -> torch.Tensor:
-    """x @ W^T plus whatever the module's forward hooks add (LoRA)."""
-    y = x @ module.weight.t()
-    for hook in module._forward_hooks.values():
-        out = hook(module, (x,), (y, None))
-        if out is not None:
-            y = out[0]
-    return y
+    """x @ W^T plus the module's LoRA adapters, when it has any."""
+    return adapted(module, x, x @ module.weight.t())
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

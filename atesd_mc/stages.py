@@ -1,0 +1,264 @@
+"""The stages a training step is made of, each a function with explicit inputs and outputs.
+
+atesd_mc/steps.py strings them together (distillation, SFT), atesd_mc/grpo.py and
+atesd_mc/warm_start.py reuse them, and tools/bench_throughput.py times them. Sums that go through
+an all-reduce are dataclasses with named fields (runtime.global_sum)."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.distributed as dist
+
+from atesd_mc import schedule
+from atesd_mc.batching import PairBatch, SideBatch, build_pair, build_side, per_sequence_weights
+from atesd_mc.generation import Rollouts, SamplingParams, generate, generate_bucketed
+from atesd_mc.losses import distill_loss, rollout_statistics, sft_loss
+from atesd_mc.model.qwen3 import tp_input
+from atesd_mc.optim import optimizer_step, zero_grads
+from atesd_mc.runtime import Runtime, global_sum, micro_batches, output_weights
+
+# ------------------------------------------------------------------------------------- rollouts
+
+
+def sampling(rt: Runtime, *, greedy: bool = False, max_new: int | None = None) -> SamplingParams:
+    g = rt.cfg.generation
+    return SamplingParams(max_new_tokens=max_new or g.max_new_tokens,
+                          temperature=0.0 if greedy else g.rollout_temperature,
+                          top_p=g.top_p, top_k=g.top_k, eos_id=rt.eos_id)
+
+
+def rollout_generator(rt: Runtime, step: int, *salt: int) -> torch.Generator:
+    """Sampling randomness from (seed, step, data-parallel rank, salt): resumable without state."""
+    seed = hash((rt.cfg.train.seed, step, rt.info.dp_rank) + salt) % (2 ** 63)
+    return torch.Generator().manual_seed(seed)
+
+
+def rollouts(rt: Runtime, prompts: list[list[int]], params: SamplingParams,
+             generator: torch.Generator) -> Rollouts:
+    """The student samples a continuation of each prompt (on the resolved decode engine)."""
+    return generate(rt.ddp, prompts, params, generator, lean=rt.engine.lean_decode)
+
+
+# ------------------------------------------------------------------------------------- teacher
+
+
+def teacher_contexts(rt: Runtime, examples: list, responses: list[list[int]], alpha: float) -> list[PairBatch]:
+    """Per micro-batch: the teacher's [problem ; revealed reference ; answer ; transition ;
+    response] and the student's [prompt ; response] (exposure/reveal.py's rule for alpha)."""
+    size, unit = rt.cfg.train.micro_batch_size, rt.cfg.exposure.reveal_unit
+    return [build_pair(mb, responses[i * size:(i + 1) * size], alpha, unit, rt.device)
+            for i, mb in enumerate(micro_batches(examples, size))]
+
+
+def _keep_hidden(h: torch.Tensor, i: int):
+    return h.sum() * 0, {"h": h.detach()}
+
+
+def teacher_forward(rt: Runtime, sides: list[SideBatch]) -> list[torch.Tensor]:
+    """The teacher's final hidden states [R, h] at the response positions, per micro-batch (no grad)."""
+    with rt.teacher.context() as teacher_model:
+        return [o["h"] for o in schedule.run(teacher_model, sides, _keep_hidden, forward_only=True,
+                                             lean=rt.engine.lean_forward)]
+
+
+@torch.no_grad()
+def student_forward(rt: Runtime, sides: list[SideBatch]) -> list[torch.Tensor]:
+    """The student's final hidden states [R, h] at the response positions (no grad; diagnostics)."""
+    return [o["h"] for o in schedule.run(rt.ddp, sides, _keep_hidden, forward_only=True,
+                                         lean=rt.engine.lean_forward)]
+
+
+@torch.no_grad()
+def teacher_score(rt: Runtime, examples: list, references: list[list[int]], alpha: float | None) -> float:
+    """Teacher-grounded score: the exposed teacher's mean log-prob per token of the reference."""
+    if alpha is None or not examples:
+        return float("nan")
+    pair = build_pair(examples, references, alpha, rt.cfg.exposure.reveal_unit, rt.device)
+    w = output_weights(rt)
+    with rt.teacher.context() as teacher_model:
+        infos = schedule.run(teacher_model, [pair.teacher], lambda h, i: (h.sum() * 0, {
+            "lp": -sft_loss(h, w.for_teacher, w.valid, pair.rollout_ids,
+                            torch.ones_like(pair.rollout_ids, dtype=h.dtype)),
+            "n": float(len(pair.rollout_ids))}), forward_only=True, lean=rt.engine.lean_forward)
+    total = global_sum(rt.info, _Mean(total=sum(float(i["lp"]) for i in infos), n=sum(i["n"] for i in infos)),
+                       rt.device)
+    return total.total / max(total.n, 1)
+
+
+# ------------------------------------------------------------------------------------- student
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class DistillSums:
+    """Summed over micro-batches (and, after global_sum, over data-parallel replicas)."""
+    loss: float
+    kl: float
+    top1_disagree: float
+    confidence: float
+    tokens_scored: float
+    rollout_tokens: float
+    teacher_tokens: float
+    student_tokens: float
+    finished: float
+    rollouts: float
+
+
+def distill_backward(rt: Runtime, pairs: list[PairBatch], h_teacher: list[torch.Tensor],
+                     num_sequences: int) -> list[dict]:
+    """Student forward + the fused output-layer divergence against the teacher's hidden states +
+    backward, per micro-batch; gradients accumulate in DDP's buffers. Returns per micro-batch info
+    (loss, kl, top1_disagree, confidence, count) on the last pipeline stage."""
+    w = output_weights(rt)
+    loss_cfg = rt.cfg.loss
+
+    def loss_fn(h, i):
+        pair = pairs[i]
+        weights = per_sequence_weights(pair.rollout_lengths, num_sequences).to(h.device)
+        loss = distill_loss(tp_input(h), h_teacher[i], w.student, w.teacher, w.valid, weights, loss_cfg,
+                            pair.rollout_ids)
+        stats = rollout_statistics(h, h_teacher[i], w.student, w.teacher, w.valid)
+        return loss, {"loss": loss.detach().clone(), **stats}
+
+    zero_grads(rt.ddp, rt.optimizer)
+    return schedule.run(rt.ddp, [p.student for p in pairs], loss_fn, forward_only=False,
+                        lean=rt.engine.lean_forward)
+
+
+def distill_sums(infos: list[dict], rolled: Rollouts, pairs: list[PairBatch]) -> DistillSums:
+    """This replica's sums of one distillation step (pass through runtime.global_sum)."""
+    return DistillSums(
+        loss=sum(float(i["loss"]) for i in infos), kl=sum(float(i["kl"]) for i in infos),
+        top1_disagree=sum(float(i["top1_disagree"]) for i in infos),
+        confidence=sum(float(i["confidence"]) for i in infos),
+        tokens_scored=sum(float(i["count"]) for i in infos),
+        rollout_tokens=sum(len(r) for r in rolled.tokens),
+        teacher_tokens=sum(int(p.teacher.lengths.sum()) for p in pairs),
+        student_tokens=sum(int(p.student.lengths.sum()) for p in pairs),
+        finished=float(sum(rolled.finished)), rollouts=float(len(rolled.finished)))
+
+
+# ------------------------------------------------------------------------------------- SFT
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class ResponseBatch:
+    """One micro-batch of [prompt ; response] rows trained or scored on the response tokens."""
+    side: SideBatch
+    ids: torch.Tensor
+    """[R] response token ids (targets)."""
+    weights: torch.Tensor
+    """[R] per-token weights: 1 / (|response| * sequences), a mean of per-sequence means."""
+
+
+def response_batches(prompts: list[list[int]], responses: list[list[int]], micro: int,
+                     num_sequences: int, device) -> list[ResponseBatch]:
+    """SFT, GRPO, warm-start and probe micro-batches, built one way."""
+    out = []
+    for start in range(0, len(prompts), micro):
+        resp = responses[start:start + micro]
+        side, ids = build_side(prompts[start:start + micro], resp, device)
+        weights = per_sequence_weights(torch.tensor([len(r) for r in resp]), num_sequences)
+        out.append(ResponseBatch(side=side, ids=ids, weights=weights))
+    return out
+
+
+def sft_backward(ddp, optimizer, batches: list[ResponseBatch], weight: torch.Tensor, valid: int, *,
+                 lean: bool) -> list[torch.Tensor]:
+    """Next-token loss on the responses, forward + backward; the per micro-batch losses (detached,
+    still on the device: summing them is the caller's choice of when to synchronise)."""
+    def loss_fn(h, i):
+        b = batches[i]
+        loss = sft_loss(tp_input(h), weight, valid, b.ids, b.weights.to(h.device, h.dtype))
+        return loss, {"loss": loss.detach().clone()}
+
+    zero_grads(ddp, optimizer)
+    infos = schedule.run(ddp, [b.side for b in batches], loss_fn, forward_only=False, lean=lean)
+    return [i["loss"] for i in infos]
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class _Mean:
+    total: float
+    n: float
+
+
+@torch.no_grad()
+def probe_nll(rt: Runtime, probe: list, references) -> float:
+    """The student's teacher-forced NLL per token of y* given x only, on this replica's share of
+    the fixed probe set (the controller's learning-progress signal)."""
+    mine = probe[rt.info.dp_rank::rt.dp]
+    if not mine:
+        return float("nan")
+    w = output_weights(rt)
+    batches = response_batches([ex.student.tolist() for ex in mine], [references(ex) for ex in mine],
+                               rt.cfg.train.micro_batch_size, 1, rt.device)
+    infos = schedule.run(rt.model, [b.side for b in batches], lambda h, i: (h.sum() * 0, {
+        "nll": sft_loss(h, w.student, w.valid, batches[i].ids, torch.ones_like(batches[i].ids, dtype=h.dtype)),
+        "n": float(len(batches[i].ids))}), forward_only=True, lean=rt.engine.lean_forward)
+    total = global_sum(rt.info, _Mean(total=sum(float(i["nll"]) for i in infos), n=sum(i["n"] for i in infos)),
+                       rt.device)
+    return total.total / max(total.n, 1)
+
+
+# ------------------------------------------------------------------------------------- optimizer
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class Update:
+    applied: bool
+    """False: the step was skipped (non-finite loss or gradient); nothing changed."""
+    grad_norm: float
+
+
+def _grads_finite(rt: Runtime) -> bool:
+    """All ranks agree whether every gradient is finite (one all-reduce)."""
+    bad = torch.zeros(1, dtype=torch.float32, device=rt.device)
+    for buf in getattr(rt.ddp, "buffers", []):
+        if not bool(torch.isfinite(buf.grad_data).all()):
+            bad.fill_(1.0)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return bad.item() == 0
+
+
+def optimizer_update(rt: Runtime, loss: float) -> Update:
+    """Optimizer and LR-schedule step, then the teacher's own update (EMA); skipped on a
+    non-finite loss or gradient, so a bad batch changes nothing."""
+    if not (math.isfinite(loss) and _grads_finite(rt)):
+        return Update(applied=False, grad_norm=float("nan"))
+    updated, grad_norm, _ = optimizer_step(rt.optimizer, rt.scheduler)
+    applied = updated and math.isfinite(grad_norm)
+    if applied:
+        rt.teacher.after_optimizer_step()
+    return Update(applied=applied, grad_norm=grad_norm)
+
+
+# ------------------------------------------------------------------------------------- evaluation
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class _Correct:
+    correct: float
+    total: float
+
+
+@torch.no_grad()
+def held_out_accuracy(rt: Runtime, held: list, tokenizer, step: int, *, greedy: bool = True) -> dict:
+    """Held-out accuracy from the student prompt at `step`: greedy (one rollout per problem), or
+    Avg@k over k = eval_samples sampled rollouts per problem."""
+    from atesd_mc.evaluation import is_correct
+
+    if not held:
+        return {}
+    k = 1 if greedy else rt.cfg.train.eval_samples
+    mine = [ex for ex in held[rt.info.dp_rank::rt.dp] for _ in range(k)]
+    params = sampling(rt, greedy=greedy, max_new=rt.cfg.train.eval_max_new_tokens or None)
+    out = generate_bucketed(rt.ddp, [ex.student.tolist() for ex in mine], params,
+                            rollout_generator(rt, step, 7919), lean=rt.engine.lean_decode)
+    correct = sum(int(is_correct(tokenizer.decode(t, skip_special_tokens=True), ex.answer))
+                  for ex, t in zip(mine, out.tokens))
+    g = global_sum(rt.info, _Correct(correct=correct, total=len(mine)), rt.device)
+    return {"accuracy": g.correct / max(g.total, 1), "n": int(g.total) // k, "k": k,
+            "mode": "greedy" if greedy else f"avg@{k}"}
