@@ -57,7 +57,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8"],
-        "hf": ["transformers>=4.51", "safetensors>=0.4", "tokenizers>=0.21"],
+        "hf": ["transformers>=4.51", "safetensors>=0.4", "tokenizers>=0.21", "peft>=0.21"],
         "gpu": ["transformer-engine[pytorch]>=2.0"],
         "eval": ["math-verify>=0.7"],
     },

@@ -128,6 +128,17 @@ def verify_checksums(directory: str) -> str | None:
     return None
 
 
+def lists_file(directory: str, name: str) -> bool:
+    """Whether the checkpoint's checksum list names `name` (it was written with the checkpoint)."""
+    import json
+
+    try:
+        with open(os.path.join(directory, CHECKSUMS)) as f:
+            return name in json.load(f)
+    except (OSError, ValueError):
+        return False
+
+
 def verify_checkpoint(directory: str) -> None:
     """Rank 0 checks every file; all ranks raise the same CheckpointError."""
     problem = verify_checksums(directory) if is_writer() else None

@@ -262,3 +262,21 @@ def stage_getter(model) -> tuple[Callable[[str, int, int], torch.Tensor], str]:
     """(get_tensor for megatron_to_hf, name set) over a TP=1, PP=1 model."""
     own = _model_tensors(model)
     return (lambda name, tp_rank, pp_rank: own[name].detach().cpu()), detect_names(own)
+
+
+def lora_to_peft(model) -> Iterator[tuple[str, torch.Tensor]]:
+    """The LoRA adapters of a TP=1, PP=1 model under PEFT's names for a Qwen3ForCausalLM
+    (base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight, ...). Each target has
+    its own adapter, and it maps as it is: A [r, in] and B [out, r] act on the HF module's own
+    input and output, because B's rows are in HF order (q by query group, then head, as
+    atesd_mc.model.lora._qkv_layout reads them; gate and up whole) and A's columns are the HF
+    input (o_proj's heads in HF order, down_proj's FFN rows)."""
+    from atesd_mc.convert_config import HF_LORA_MODULES
+    from atesd_mc.model.lora import iter_adapters
+
+    block = {"q": "self_attn", "k": "self_attn", "v": "self_attn", "o": "self_attn",
+             "gate": "mlp", "up": "mlp", "down": "mlp"}
+    for layer, target, ad in iter_adapters(model):
+        name = f"base_model.model.model.layers.{layer - 1}.{block[target]}.{HF_LORA_MODULES[target]}"
+        yield name + ".lora_A.weight", ad.A.detach().cpu().contiguous()
+        yield name + ".lora_B.weight", ad.B.detach().cpu().contiguous()

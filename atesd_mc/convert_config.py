@@ -133,3 +133,24 @@ def hf_config_from_model(cfg: ModelConfig, base: dict | None = None) -> dict:
         out["torch_dtype"] = dtype
     out["dtype"] = dtype
     return out
+
+
+# our LoRA target -> the HF Qwen3 module it adapts (PEFT's target_modules names)
+HF_LORA_MODULES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
+                   "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+
+
+def peft_adapter_config(cfg: ModelConfig, base_model: str | None = None) -> dict:
+    """adapter_config.json of the model's LoRA adapters for peft (LoraConfig fields): the same
+    rank and alpha, so peft's scale lora_alpha / r is ours; no dropout, no bias, plain LoRA."""
+    if not cfg.lora_rank:
+        raise ConversionError("the checkpoint has no LoRA adapters (lora_rank 0): nothing to write "
+                              "in the PEFT layout")
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+        "r": cfg.lora_rank, "lora_alpha": cfg.lora_alpha, "lora_dropout": 0.0, "bias": "none",
+        "target_modules": sorted(HF_LORA_MODULES[t] for t in cfg.lora_targets),
+        "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "inference_mode": True,
+        "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None,
+        "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
+    }

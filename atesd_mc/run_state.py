@@ -5,7 +5,9 @@ A checkpoint iter_XXXXXXX/ holds
   optimizer shards too), and the teacher's own weights when they are not derivable (frozen copy, EMA);
 * trainer_state.pt (rank 0): step, LR schedule, sampler position, exposure controller (weights, Adam,
   open decisions, EMAs, RNG), held-out accuracy before training, the config, the version, the layout;
-* rng_rank<R>.pt: each rank's torch RNG and model-parallel RNG tracker states.
+* rng_rank<R>.pt: each rank's torch RNG and model-parallel RNG tracker states;
+* model_config.json (rank 0): the model description (atesd_mc.model_io), so export-hf, evaluate
+  and --finetune know the architecture, vocabulary, adapters and dtype from the checkpoint alone.
 Everything is read back with weights_only=True. Rollout sampling derives its generators from
 (seed, step, dp rank), so a resumed run samples what the uninterrupted run sampled."""
 from __future__ import annotations
@@ -18,6 +20,9 @@ import torch.distributed as dist
 import atesd_mc
 from atesd_mc import checkpoint as ckpt
 from atesd_mc.model.qwen3 import unwrap
+from atesd_mc.model_io import saved_adapters, write_model_description
+
+TRAINER_STATE = "trainer_state.pt"
 
 
 def _sharded(rt, loading: bool, with_optimizer: bool = True) -> dict:
@@ -26,7 +31,9 @@ def _sharded(rt, loading: bool, with_optimizer: bool = True) -> dict:
     if with_optimizer:
         sd["optimizer"] = rt.optimizer.sharded_state_dict(sd["model"], is_loading=loading)
     if rt.teacher.has_own_weights:
-        sd["teacher"] = rt.teacher.module.sharded_state_dict(prefix="teacher.")
+        # Keys as module.load_state_dict takes them back (load() passes them on); sharded keys
+        # "teacher.*" as before. An EMA teacher saves its fp32 average (model/teacher.py).
+        sd["teacher"] = rt.teacher.sharded_state_dict(prefix="teacher.")
     return sd
 
 
@@ -63,7 +70,8 @@ def save(rt, sampler, exposure, step: int, extra_state: dict | None = None) -> s
     def extra(tmp: str) -> None:
         ckpt.save_torch(_rng_state(), os.path.join(tmp, f"rng_rank{info.rank}.pt"))
         if info.rank == 0:
-            ckpt.save_torch(state, os.path.join(tmp, "trainer_state.pt"))
+            ckpt.save_torch(state, os.path.join(tmp, TRAINER_STATE))
+            write_model_description(tmp, rt.cfg.model, rt.vocab)
 
     if ckpt.is_writer():
         os.makedirs(root, exist_ok=True)
@@ -80,10 +88,37 @@ def resume_path(cfg) -> tuple[str | None, bool]:
         return cfg.run_dir, False
     load = cfg.checkpoint.load
     if load:
-        if ckpt.latest_step(load) is None:
+        step = ckpt.latest_step(load)
+        if step is None:
             raise ckpt.CheckpointError(f"{load}: no {ckpt.TRACKER} here (nothing to --load)")
+        if not cfg.checkpoint.finetune:
+            _require_training_state(load, ckpt.iter_dir(load, step))
         return load, cfg.checkpoint.finetune
     return None, False
+
+
+def _require_training_state(root: str, path: str) -> None:
+    """A checkpoint without trainer_state.pt holds weights only: resuming it cannot work, starting
+    a run from it can (--finetune). One whose checksum list names the file lost it: damage."""
+    if os.path.exists(os.path.join(path, TRAINER_STATE)):
+        return
+    if ckpt.lists_file(path, TRAINER_STATE):
+        raise ckpt.CheckpointError(f"{os.path.join(path, TRAINER_STATE)}: missing from the checkpoint")
+    raise ckpt.CheckpointError(f"{root} is a weights-only checkpoint (written by import-hf): add "
+                               "--finetune to start a run from it")
+
+
+def _require_same_adapters(rt, path: str) -> None:
+    """The model is loaded with strict=False (the sharded load asks only for what the model has),
+    so LoRA adapters saved but not configured would be dropped without a word: refuse instead."""
+    from atesd_mc.model.lora import lora_of
+
+    saved, ours = saved_adapters(path), lora_of(rt.model) is not None
+    if saved != ours:
+        raise ckpt.CheckpointError(
+            f"{path}: the checkpoint {'has' if saved else 'has no'} LoRA adapters but this run has "
+            f"lora_rank {rt.cfg.model.lora_rank}: resume with the run's own --lora-rank, or start a "
+            "new run from it with --finetune")
 
 
 def load(rt, sampler, exposure, root: str) -> dict:
@@ -94,8 +129,10 @@ def load(rt, sampler, exposure, root: str) -> dict:
     step = ckpt.latest_step(root)
     path = ckpt.iter_dir(root, step)
     ckpt.remove_stale_temps(root)
+    _require_training_state(root, path)
     ckpt.verify_checkpoint(path)
-    state = ckpt.load_torch(os.path.join(path, "trainer_state.pt"))
+    state = ckpt.load_torch(os.path.join(path, TRAINER_STATE))
+    _require_same_adapters(rt, path)
     with_opt = not cfg.no_load_optim
     loaded = ckpt.load_sharded_checked(_sharded(rt, loading=True, with_optimizer=with_opt), path)
     unwrap(rt.model).load_state_dict(loaded["model"], strict=False)

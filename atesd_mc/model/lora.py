@@ -77,6 +77,7 @@ class LoRAAdapters(nn.Module):
         self.adapters = nn.ModuleDict()
         self.scale = scale
         self.enabled = True
+        self.hooks: list = []  # forward-hook handles, so remove_lora can detach the adapters
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
         """TP-sharded params split along their partition dim; keys carry global layer numbers,
@@ -168,7 +169,7 @@ def add_lora(model, rank: int, alpha: float, targets: list[str], seed: int) -> L
                 container.adapters[key.replace(".", "_")] = ad
                 local[t] = ad
             module.lora_delta = _make_delta(container, local, names, cfg, tp, sp)
-            module.register_forward_hook(_hook)
+            container.hooks.append(module.register_forward_hook(_hook))
     model.lora = container
     return container
 
@@ -198,6 +199,46 @@ def adapted(module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return y if delta is None else delta(x, y)
 
 
+def weight_deltas(model) -> dict[str, torch.Tensor]:
+    """The adapters as weights: for each adapted linear of a GPTModel stage, the fp32 tensor
+    scale * B A laid out like its local weight shard, so that W + delta gives what the hooks
+    compute (x W^T + scale * B A x), keyed by that weight's parameter name in unwrap(model).
+    Column-parallel: this rank's rows, i.e. its B shard, in megatron's fused layout ([q.. | k | v]
+    per local group, [gate ; up]); row-parallel: B times this rank's A shard (its input columns).
+    Empty when the model has no adapters or they are disabled (the forward adds nothing then)."""
+    from megatron.core import parallel_state as ps
+
+    from atesd_mc.model.qwen3 import unwrap
+
+    container = lora_of(model)
+    if container is None or not container.enabled:
+        return {}
+    model = unwrap(model)
+    cfg, tp = model.config, ps.get_tensor_model_parallel_world_size()
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_layer: dict[int, dict[str, dict[str, LoRAAdapter]]] = {}
+    for key, ad in container.adapters.items():  # keys "<global layer>_<target>"
+        number, target = key.split("_", 1)
+        by_layer.setdefault(int(number), {}).setdefault(_TARGETS[target][0], {})[target] = ad
+    out = {}
+    for layer in model.decoder.layers:
+        for path, local in by_layer.get(layer.layer_number, {}).items():
+            weight = layer.get_submodule(path).weight
+            out[names[id(weight)]] = container.scale * _weight_delta(local, cfg, tp)
+    return out
+
+
+def _weight_delta(local: dict[str, LoRAAdapter], cfg, tp: int) -> torch.Tensor:
+    """B A of one linear's adapters in fp32, [out_local, in_local] like its weight."""
+    first = next(iter(local))
+    if _TARGETS[first][1] == "row":
+        return local[first].B.float() @ local[first].A.float()
+    layout = _qkv_layout(cfg, tp) if first in ("q", "k", "v") else _fc1_layout(cfg, tp)
+    # The layouts place each target's outputs along the last dim, as in the forward delta
+    # (x A^T B^T); with x = I that is W^T's columns, hence the transposes.
+    return layout({t: (ad.B.float() @ ad.A.float()).t() for t, ad in local.items()}).t()
+
+
 def _hook(module, args, output):
     """Megatron's linears return (output, bias): the adapters add to the output."""
     out, bias = output
@@ -223,3 +264,52 @@ def lora_disabled(model):
         yield
     finally:
         container.enabled = saved
+
+
+def iter_adapters(model):
+    """(global layer number, target, LoRAAdapter) of every adapter of this stage, in layer order
+    and in the order of _TARGETS (q, k, v, o, gate, up, down)."""
+    container = lora_of(model)
+    if container is None:
+        return
+    for layer in sorted({int(key.split("_")[0]) for key in container.adapters}):
+        for target in _TARGETS:
+            key = f"{layer}_{target}"
+            if key in container.adapters:
+                yield layer, target, container.adapters[key]
+
+
+def merge_lora(model) -> int:
+    """W <- W + scale * B A for every adapted linear of this stage (weight_deltas: this rank's
+    shard, summed in fp32, then cast to W's dtype), then switch the adapters off: the model
+    computes from its base weights alone what it computed with the adapters on (what an export
+    writes). Returns the number of adapters merged (0 when none, or when they were disabled)."""
+    from atesd_mc.model.qwen3 import unwrap
+
+    container = lora_of(model)
+    if container is None or not container.enabled:
+        return 0
+    params = dict(unwrap(model).named_parameters())
+    with torch.no_grad():
+        for name, delta in weight_deltas(model).items():
+            weight = params[name]
+            weight.copy_((weight.float() + delta).to(weight.dtype))
+    container.enabled = False
+    return len(container.adapters)
+
+
+def remove_lora(model) -> None:
+    """Detach the adapters (hooks, deltas and the `lora` container): the plain model again, e.g.
+    after merge_lora, so fresh adapters can be attached."""
+    from atesd_mc.model.qwen3 import unwrap
+
+    container = lora_of(model)
+    if container is None:
+        return
+    for handle in container.hooks:
+        handle.remove()
+    stage = unwrap(model)
+    for module in stage.modules():
+        if hasattr(module, "lora_delta"):
+            del module.lora_delta
+    del stage.lora
