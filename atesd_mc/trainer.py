@@ -16,7 +16,7 @@ import time
 
 import torch.distributed as dist
 
-from atesd_mc import distributed, engine, run_state, signals, stages
+from atesd_mc import distributed, engine, run_lock, run_state, signals, stages
 from atesd_mc.config import RunConfig
 from atesd_mc.data.sampler import DistributedBatchSampler
 from atesd_mc.grpo import grpo_step
@@ -35,10 +35,14 @@ def build_trainer(cfg: RunConfig) -> "Trainer":
 
     p = cfg.parallel
     # Our message (naming the field) before megatron's, which would come from initialize().
-    cfg.validate_world(dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1")))
+    cfg.validate_world(dist.get_world_size() if dist.is_initialized()
+                       else distributed.launch_env(os.environ).world_size)  # torchrun, srun or mpirun
     info = distributed.initialize(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                                   cfg.train.seed, p.distributed_backend, p.distributed_timeout_minutes)
     cfg.validate_world(info.world_size)
+    # One run per directory, decided before anything reads or writes it: raises RunDirError (in use)
+    # or RunFinished (nothing left to do) on every rank alike.
+    run_lock.claim(cfg.run_dir, cfg.train.train_iters)
     resume_from, finetune = run_state.resume_path(cfg)
     if finetune:
         _architecture_from_checkpoint(cfg, resume_from, info.rank == 0)
@@ -66,9 +70,32 @@ def build_trainer(cfg: RunConfig) -> "Trainer":
                                       dp_rank=info.dp_rank, dp_size=info.dp, seed=cfg.train.seed,
                                       exclude=problems.train_exclude)
     data = TrainData(problems=problems, references=references, sampler=sampler)
+    changed = _schedule_follows_flags(rt.scheduler) if resume_from else []
     resumed = run_state.load(rt, sampler, exposure, resume_from) if resume_from else {}
+    if changed and info.rank == 0:
+        lr = rt.optimizer.param_groups[0]["lr"]
+        print(f"learning-rate schedule changed since the checkpoint ({'; '.join(changed)}): the flags' "
+              f"schedule applies from iteration {resumed['step']} on (lr now {lr:.6g})", flush=True)
     return Trainer(rt, data, exposure, warm_start_info=warm_info, resumed_state=resumed,
                    resumed_from=resume_from)
+
+
+def _schedule_follows_flags(scheduler) -> list[str]:
+    """Let a resumed run change its schedule (a larger --train-iters extends a run; --lr, --min-lr,
+    --lr-warmup-iters). megatron-core's scheduler, as built, would silently keep the checkpoint's
+    settings (an extension then trains at min_lr throughout); here the flags win, as with
+    megatron's --override-opt_param-scheduler, and the returned list (filled while the checkpoint
+    loads) names each change. The step count still comes from the checkpoint, so the LR is the
+    new schedule's value at the resumed iteration."""
+    changed: list[str] = []
+
+    def check_and_set(ours, saved, name):
+        if ours != saved:
+            changed.append(f"{name} {saved} -> {ours}")
+        return ours
+
+    scheduler._check_and_set = check_and_set
+    return changed
 
 
 def _make_exposure(cfg: RunConfig):
@@ -154,6 +181,9 @@ class Trainer:
             self.logger.print(f"held-out accuracy before: {results['before']}")
         if cfg.checkpoint.exit_signal_handler:
             signals.install()
+        if self.step == total:  # build_trainer lets this through only when eval.json is missing
+            self.logger.print(f"{total} iterations were already trained; running the final held-out "
+                              f"evaluation, which the previous launch did not finish")
         start, started = time.perf_counter(), time.monotonic()
         interval = cfg.checkpoint.save_interval
         while self.step < total:
@@ -197,12 +227,13 @@ class Trainer:
 
 
 def _architecture_from_checkpoint(cfg: RunConfig, root: str, verbose: bool) -> None:
-    """--finetune from an import (model_config.json): the architecture comes from the checkpoint,
-    as Megatron's --use-checkpoint-args; adapters, teacher mode and dtype stay as configured."""
-    path = os.path.join(root, "model_config.json")
-    if not os.path.exists(path):
-        return
-    saved = json.load(open(path))
+    """--finetune: the architecture (and the real vocabulary size) comes from the checkpoint's model
+    description (atesd_mc.model_io: an import's or a training run's), as Megatron's
+    --use-checkpoint-args; adapters, teacher mode and dtype stay as configured."""
+    from atesd_mc.model_io import model_description
+
+    saved_cfg, path = model_description(root)
+    saved = dataclasses.asdict(saved_cfg)
     keep = {"lora_rank", "lora_alpha", "lora_targets", "teacher_mode", "teacher_ema_decay",
             "params_dtype", "transformer_impl", "seq_length"}
     changed = {k: v for k, v in saved.items() if k not in keep and getattr(cfg.model, k, v) != v}

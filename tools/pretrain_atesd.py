@@ -9,6 +9,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 
 def main(argv=None) -> int:
+    launcher = os.getppid()  # first thing: torchrun, while it is surely still alive
+    from atesd_mc import signals
+
+    signals.watch_launcher(launcher)  # torchrun workers only: end with their launcher
     from atesd_mc.config import ConfigError
     from atesd_mc.config_io import parse_config
 
@@ -27,10 +31,19 @@ def main(argv=None) -> int:
     from atesd_mc.checkpoint import CheckpointError
     from atesd_mc.data.store import StoreError
     from atesd_mc.data.tokenizer import TokenizerError
+    from atesd_mc.run_lock import RunDirError, RunFinished
     from atesd_mc.trainer import build_trainer
 
     try:
         trainer = build_trainer(cfg)
+    except (RunDirError, RunFinished) as e:  # raised on every rank alike; rank 0 says it, once
+        import torch.distributed as dist
+
+        finished = isinstance(e, RunFinished)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(e if finished else f"error: {e}", file=sys.stdout if finished else sys.stderr, flush=True)
+        distributed.shutdown()
+        return 0 if finished else 2
     except (ConfigError, CheckpointError, StoreError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
