@@ -19,13 +19,19 @@ class DataConfig:
     tokenizer: str = ""
     """Tokenizer directory or sentencepiece model; empty = the synthetic task's own tokenizer."""
     eval_data_path: str = ""
-    """Held-out problem store for in-training accuracy (the synthetic task has its own split)."""
+    """Held-out problem store for in-training accuracy (tools/preprocess_data.py; an answer-only
+    store, e.g. --preset aime, will do). Empty: none with --data-path; the synthetic task uses its
+    own held-out split."""
+    eval_size: int = 0
+    """Held-out problems evaluated during training: the first N of --eval-data-path (or of the
+    synthetic task's held-out split); 0 = all of them."""
     synthetic_vocab_size: int = 512
     """Synthetic task: sentencepiece vocabulary size (512: template words become single tokens)."""
     synthetic_train_size: int = 20000
     """Synthetic task: training problems."""
     synthetic_eval_size: int = 200
-    """Synthetic task: held-out evaluation problems."""
+    """Synthetic task: size of its generated held-out split (--eval-size chooses how many are
+    evaluated)."""
     synthetic_min_steps: int = 2
     """Synthetic task: fewest reasoning steps per problem."""
     synthetic_max_steps: int = 3
@@ -44,6 +50,7 @@ class DataConfig:
         require(self.synthetic_max_steps >= self.synthetic_min_steps, "synthetic_max_steps",
                 self.synthetic_max_steps, f"must be >= synthetic_min_steps={self.synthetic_min_steps}")
         require(self.probe_size >= 0, "probe_size", self.probe_size, "must be >= 0")
+        require(self.eval_size >= 0, "eval_size", self.eval_size, "must be >= 0 (0 = all)")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -162,7 +169,8 @@ class LoggingConfig:
     tensorboard: bool = True
     """Write TensorBoard events when tensorboard is installed."""
     progress_bar: bool = True
-    """Show a progress bar when stdout is a terminal."""
+    """Show the training progress bar when stdout is a terminal, and each held-out evaluation's
+    progress (problems done, tokens/s, ETA) on stderr: redrawn on a terminal, plain lines in logs."""
 
     def __post_init__(self) -> None:
         require(self.log_interval >= 1, "log_interval", self.log_interval, "must be >= 1")

@@ -1,4 +1,5 @@
-"""Answer extraction, checking, Avg@k / Pass@k / Maj@k, results.json (docs/METHOD.md, Evaluation).
+"""Answer extraction, checking, Avg@k / Pass@k / Maj@k and results files (docs/METHOD.md,
+Evaluation); benchmark files are read by atesd_mc/eval_files.py.
 
 Checking: the response's answer is the inside of its last ``\\boxed{}`` / ``\\fbox{}`` (GSM8K's
 ``#### N`` when there is no box). It is compared with the reference by math-verify (both wrapped
@@ -13,15 +14,16 @@ do not vote. The largest cluster wins; a tie goes to the cluster whose first mem
 """
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
 import re
 import threading
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from atesd_mc.data.segment import gsm8k_split, last_boxed
+from atesd_mc.eval_files import EvalProblem
 
 VERIFY_TIMEOUT_S = 5
 GenerateFn = Callable[..., list]  # (prompts, k, temperature, top_p, max_new_tokens) -> [[str]*k]
@@ -83,55 +85,6 @@ def is_correct(response_text: str, reference_answer: str) -> bool:
     """The response's final answer matches the reference answer."""
     predicted = extract_answer(response_text)
     return predicted is not None and answers_match(reference_answer, predicted)
-
-
-# --- benchmark files ---------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class EvalProblem:
-    """One benchmark problem."""
-
-    problem: str
-    answer: str
-    """Reference final answer (LaTeX or integer, as a string)."""
-    index: int = 0
-    """0-based position in its file."""
-
-
-# JSON escapes that were meant as LaTeX commands: after json.loads, "\frac" written as "\f" + "rac"
-# is a form feed + "rac". Form feed and backspace never occur in problem text, so they always
-# go back; tab and carriage return only when a letter follows ("\t" + "riangle").
-_ESCAPE_REPAIRS = [(re.compile("\x0c"), "\\\\f"), (re.compile("\x08"), "\\\\b"),
-                   (re.compile("\t(?=[A-Za-z])"), "\\\\t"), (re.compile("\r(?=[A-Za-z])"), "\\\\r")]
-
-
-def repair_latex_escapes(text: str) -> str:
-    """Undo JSON-escape typos in LaTeX (see _ESCAPE_REPAIRS); other text is unchanged."""
-    for pattern, repl in _ESCAPE_REPAIRS:
-        text = pattern.sub(repl, text)
-    return text
-
-
-def load_eval_jsonl(path: str, *, problem_key: str = "problem", answer_key: str = "answer",
-                    repair: bool = True) -> list[EvalProblem]:
-    """Read a benchmark JSONL ({problem, answer} per line); errors name file:line and field."""
-    problems = []
-    with open(path, "rb") as f:
-        for line, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise ValueError(f"{path}:{line}: not a valid UTF-8 JSON line ({e})") from e
-            for key in (problem_key, answer_key):
-                if not isinstance(row, dict) or row.get(key) is None:
-                    raise ValueError(f"{path}:{line}: field {key!r}: missing")
-            problem, answer = str(row[problem_key]), str(row[answer_key])
-            if repair:
-                problem, answer = repair_latex_escapes(problem), repair_latex_escapes(answer)
-            problems.append(EvalProblem(problem, answer, len(problems)))
-    return problems
 
 
 # --- metrics -----------------------------------------------------------------------------------
@@ -220,14 +173,53 @@ def evaluate_problems(problems: Sequence[EvalProblem], generate_fn: GenerateFn, 
     return {"settings": settings, "aggregate": aggregate(records, k), "problems": records}
 
 
-def write_results(path: str, results: dict[str, dict], meta: dict | None = None) -> str:
-    """Write {"meta", "benchmarks": {name: evaluate_problems(...)}} as JSON (atomic rename)."""
+def write_results(path: str, results: dict[str, dict], meta: dict | None = None, *,
+                  overwrite: bool = False) -> str:
+    """Write {"meta", "benchmarks": {name: evaluate_problems(...)}} as JSON. The file appears
+    whole (written beside it, then linked or renamed into place); an existing file is replaced
+    only with overwrite=True, else FileExistsError (checked by the link itself, so a file that
+    appears meanwhile is not replaced either)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump({"meta": meta or {}, "benchmarks": results}, f, indent=1, ensure_ascii=False)
-    os.replace(tmp, path)
+    if overwrite:
+        os.replace(tmp, path)
+        return path
+    try:
+        _link_new(tmp, path)
+    finally:
+        os.unlink(tmp)
     return path
+
+
+def _link_new(tmp: str, path: str) -> None:
+    """Give tmp's content the name path, failing with FileExistsError if path exists."""
+    try:
+        os.link(tmp, path)  # atomic, and never replaces
+    except FileExistsError:
+        raise FileExistsError(f"{path}: already exists") from None
+    except OSError:  # a file system without hard links: exclusive create, then copy
+        import shutil
+
+        with open(tmp, "rb") as src, open(path, "xb") as dst:
+            shutil.copyfileobj(src, dst)
+
+
+def write_new_results(directory: str, results: dict[str, dict], meta: dict | None = None, *,
+                      now: datetime.datetime | None = None) -> str:
+    """Write results to a new file directory/results-<UTC time>.json (-2, -3, ... appended when
+    that name is taken); never over an old one. Returns the path."""
+    stamp = (now or datetime.datetime.now(datetime.timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
+    for n in range(1, 10_000):
+        path = os.path.join(directory, f"results-{stamp}{'' if n == 1 else f'-{n}'}.json")
+        if os.path.exists(path):
+            continue
+        try:
+            return write_results(path, results, meta)
+        except FileExistsError:  # taken between the check and the link: try the next name
+            continue
+    raise FileExistsError(f"{directory}: no free results-{stamp}-N.json name")
 
 
 def format_table(results: dict[str, dict]) -> str:

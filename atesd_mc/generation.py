@@ -11,6 +11,7 @@ tokens are broadcast back over the pipeline group."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -165,14 +166,18 @@ def generate(model, prompts: list[list[int]], params: SamplingParams,
 
 
 def generate_bucketed(model, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator,
-                      *, lean: bool = False, max_batch: int = 64, max_spread: int = 32) -> Rollouts:
+                      *, lean: bool = False, max_batch: int = 64, max_spread: int = 32,
+                      progress: Callable[[int, int], None] | None = None) -> Rollouts:
     """generate() over length buckets: prompts sorted by length and cut into batches whose lengths
     differ by at most max_spread, because the shared cache advances one position at a time from
-    the shortest prompt of a batch. Results come back in the input order."""
+    the shortest prompt of a batch. Results come back in the input order.
+
+    progress(rows_done, tokens_generated), when given, is called after each bucket with the totals
+    so far (EOS tokens included), e.g. run_log.Progress.update; nothing here prints."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     tokens: list[list[int] | None] = [None] * len(prompts)
     finished = [False] * len(prompts)
-    start = 0
+    start = generated = 0
     while start < len(order):
         end = start + 1
         while (end < len(order) and end - start < max_batch
@@ -182,5 +187,8 @@ def generate_bucketed(model, prompts: list[list[int]], params: SamplingParams, g
         out = generate(model, [prompts[i] for i in idx], params, generator, lean=lean)
         for j, i in enumerate(idx):
             tokens[i], finished[i] = out.tokens[j], out.finished[j]
+        generated += sum(len(t) for t in out.tokens)
         start = end
+        if progress is not None:
+            progress(start, generated)
     return Rollouts(tokens=tokens, finished=finished)

@@ -17,6 +17,7 @@ from atesd_mc.generation import Rollouts, SamplingParams, generate, generate_buc
 from atesd_mc.losses import distill_loss, rollout_statistics, sft_loss
 from atesd_mc.model.qwen3 import tp_input
 from atesd_mc.optim import optimizer_step, zero_grads
+from atesd_mc.run_log import Progress
 from atesd_mc.runtime import Runtime, global_sum, micro_batches, output_weights
 
 # ------------------------------------------------------------------------------------- rollouts
@@ -247,18 +248,24 @@ class _Correct:
 @torch.no_grad()
 def held_out_accuracy(rt: Runtime, held: list, tokenizer, step: int, *, greedy: bool = True) -> dict:
     """Held-out accuracy from the student prompt at `step`: greedy (one rollout per problem), or
-    Avg@k over k = eval_samples sampled rollouts per problem."""
+    Avg@k over k = eval_samples sampled rollouts per problem. Rank 0 shows a progress line on
+    stderr unless logging.progress_bar is off (run_log.Progress)."""
     from atesd_mc.evaluation import is_correct
 
     if not held:
         return {}
     k = 1 if greedy else rt.cfg.train.eval_samples
+    mode = "greedy" if greedy else f"avg@{k}"
     mine = [ex for ex in held[rt.info.dp_rank::rt.dp] for _ in range(k)]
     params = sampling(rt, greedy=greedy, max_new=rt.cfg.train.eval_max_new_tokens or None)
-    out = generate_bucketed(rt.ddp, [ex.student.tolist() for ex in mine], params,
-                            rollout_generator(rt, step, 7919), lean=rt.engine.lean_decode)
+    # Rank 0 shows its own share; the data-parallel ranks split the set evenly.
+    share = f", data-parallel rank 0 of {rt.dp}" if rt.dp > 1 else ""
+    with Progress(len(mine) // k, f"held-out eval at iteration {step} ({mode}{share})",
+                  rows_per_problem=k, enabled=rt.is_rank0 and rt.cfg.logging.progress_bar) as bar:
+        out = generate_bucketed(rt.ddp, [ex.student.tolist() for ex in mine], params,
+                                rollout_generator(rt, step, 7919), lean=rt.engine.lean_decode,
+                                progress=bar.update)
     correct = sum(int(is_correct(tokenizer.decode(t, skip_special_tokens=True), ex.answer))
                   for ex, t in zip(mine, out.tokens))
     g = global_sum(rt.info, _Correct(correct=correct, total=len(mine)), rt.device)
-    return {"accuracy": g.correct / max(g.total, 1), "n": int(g.total) // k, "k": k,
-            "mode": "greedy" if greedy else f"avg@{k}"}
+    return {"accuracy": g.correct / max(g.total, 1), "n": int(g.total) // k, "k": k, "mode": mode}

@@ -14,7 +14,7 @@ from typing import Sequence
 import torch.distributed as dist
 
 from atesd_mc.checkpoint import file_lock
-from atesd_mc.config import RunConfig
+from atesd_mc.config import ConfigError, RunConfig
 from atesd_mc.data.sampler import choose_probe_indices
 from atesd_mc.data.store import ProblemStore, write_store
 from atesd_mc.data.tokenizer import SentencePieceTokenizer, Tokenizer, load_tokenizer, train_sentencepiece
@@ -89,26 +89,53 @@ def _build_synthetic_files(cfg: RunConfig, task_cfg, root: str, done: str) -> No
         f.write("ok\n")
 
 
+def check_vocabulary(cfg: RunConfig, tok: Tokenizer) -> None:
+    """Refuse a tokenizer with ids past the model's vocabulary (model.vocab_size; 0 = the
+    tokenizer's own size). Nothing else would: the embedding is padded past the real vocabulary
+    (make_vocab_size_divisible_by), so those ids index untrained padding rows and the run trains
+    and evaluates as if nothing were wrong. A smaller tokenizer is fine (Qwen3's is)."""
+    model_vocab = cfg.model.vocab_size
+    if model_vocab and tok.vocab_size > model_vocab:
+        raise ConfigError(
+            f"tokenizer {getattr(tok, 'path', '') or '(unnamed)'} has {tok.vocab_size} ids but the "
+            f"model's vocabulary is {model_vocab} (model.vocab_size, which --finetune takes from the "
+            f"checkpoint's model description): ids {model_vocab}..{tok.vocab_size - 1} would land on "
+            f"untrained padding rows of the embedding; use the tokenizer the model was imported or "
+            f"trained with")
+
+
 def load_problems(cfg: RunConfig) -> Problems:
     d = cfg.data
     if not d.data_path:
         root = build_synthetic(cfg)
         tok = SentencePieceTokenizer(os.path.join(root, "tokenizer.model"))
+        check_vocabulary(cfg, tok)
         train = ProblemStore(os.path.join(root, "train"), tok)
         probe = ProblemStore(os.path.join(root, "probe"), tok)
         held = ProblemStore(os.path.join(root, "eval"), tok)
         return Problems(tokenizer=tok, train=train, train_exclude=[],
                         probe=[probe[i] for i in range(len(probe))],
-                        eval=[held[i] for i in range(len(held))])
+                        eval=_held_out(held, d.eval_size))
     if not d.tokenizer:
-        raise ValueError(f"data_path={d.data_path!r} needs --tokenizer (the one the store was made with)")
+        raise ConfigError(f"data_path={d.data_path!r} needs --tokenizer (the one the store was made with; an "
+                          "import-hf checkpoint folder holds a copy)")
     tok = load_tokenizer(d.tokenizer)
+    check_vocabulary(cfg, tok)
     train = ProblemStore(d.data_path, tok)
+    if train.manifest.get("reference_solutions") is False:
+        raise ConfigError(f"data_path={d.data_path!r} is an answer-only store (no reference solutions, e.g. "
+                          "AIME/HMMT): the teacher needs them; pass it as --eval-data-path")
     exclude = choose_probe_indices(len(train), min(d.probe_size, len(train) // 2), cfg.train.seed)
     held = ProblemStore(d.eval_data_path, tok) if d.eval_data_path else []
-    n_eval = min(len(held), d.synthetic_eval_size) if d.eval_data_path else 0
     return Problems(tokenizer=tok, train=train, train_exclude=exclude,
-                    probe=[train[i] for i in exclude], eval=[held[i] for i in range(n_eval)])
+                    probe=[train[i] for i in exclude], eval=_held_out(held, d.eval_size))
+
+
+def _held_out(store, size: int) -> list:
+    """The first `size` examples of the held-out store (all of it when size is 0). Evaluation
+    reads only each example's student prompt and answer, so an answer-only store will do."""
+    n = len(store) if size == 0 else min(size, len(store))
+    return [store[i] for i in range(n)]
 
 
 class ReferenceTokens:

@@ -11,10 +11,12 @@ import json
 from dataclasses import dataclass
 from typing import Iterator
 
-from atesd_mc.data.segment import SegmentationError
+from atesd_mc.data.segment import UNITS, Segmentation, SegmentationError
 from atesd_mc.data.store import Example, make_example
 from atesd_mc.data.tokenizer import Tokenizer
 
+_ANSWER_ONLY = {"problem_key": "problem", "solution_key": None, "answer_key": "answer",
+                "answer_format": "auto", "strip_calculator": False}
 PRESETS = {
     # GSM8K: question / answer, where the answer is the worked solution ending in "#### N".
     "gsm8k": {"problem_key": "question", "solution_key": "answer", "answer_key": None,
@@ -22,6 +24,19 @@ PRESETS = {
     # OpenThoughts (math): problem / solution, final answer in the last \boxed{}.
     "openthoughts": {"problem_key": "problem", "solution_key": "solution", "answer_key": None,
                      "answer_format": "boxed", "strip_calculator": False},
+    # Evaluation sets with no reference solution (AIME, HMMT): problem / answer.
+    "answer-only": _ANSWER_ONLY, "aime": _ANSWER_ONLY, "hmmt": _ANSWER_ONLY,
+}
+PRESET_HELP = {
+    "gsm8k": "{question, answer}: the answer is the worked solution ending in '#### N'; "
+             "calculator annotations <<a*b=c>> are stripped.",
+    "openthoughts": "{problem, solution}: the final answer is the solution's last \\boxed{}.",
+    "answer-only": "{problem, answer} with no reference solution (AIME, HMMT, MATH-500 answers): "
+                   "an evaluation set (--eval-data-path); the store holds the student prompt and "
+                   "the answer, its teacher prompts show the answer line only, and the manifest "
+                   "says reference_solutions: false.",
+    "aime": "same as answer-only (e.g. ../shared/data/math_eval/aime24.jsonl).",
+    "hmmt": "same as answer-only (e.g. ../shared/data/math_eval/hmmt25.jsonl).",
 }
 
 
@@ -54,13 +69,18 @@ class RowSpec:
     """How to read a row: which keys hold what, and how to segment and tokenise it."""
 
     problem_key: str = "problem"
-    solution_key: str = "solution"
+    solution_key: str | None = "solution"
+    """None: the rows have no reference solution (answer-only); answer_key is then required."""
     answer_key: str | None = None
     answer_format: str = "auto"
     strip_calculator: bool = False
     enable_thinking: bool = True
     max_length: int | None = None
     """Longest allowed student or fully revealed teacher prompt, in tokens (None: no limit)."""
+
+    def __post_init__(self) -> None:
+        if self.solution_key is None and not self.answer_key:
+            raise ValueError("rows without a solution field need an answer field (answer_key)")
 
 
 class HashingReader:
@@ -126,12 +146,16 @@ def row_to_example(tok: Tokenizer, spec: RowSpec, path: str, line: int,
         return row
     try:
         problem = _field(row, spec.problem_key, path, line)
-        solution = _field(row, spec.solution_key, path, line)
-        answer = _field(row, spec.answer_key, path, line, required=False) if spec.answer_key \
-            else None
-        ex = make_example(tok, problem, solution, answer=answer, answer_format=spec.answer_format,
-                          strip_calculator=spec.strip_calculator,
-                          enable_thinking=spec.enable_thinking, source_line=line)
+        if spec.solution_key is None:
+            ex = _answer_only_example(tok, spec, problem, _field(row, spec.answer_key, path, line),
+                                      line)
+        else:
+            solution = _field(row, spec.solution_key, path, line)
+            answer = _field(row, spec.answer_key, path, line, required=False) if spec.answer_key \
+                else None
+            ex = make_example(tok, problem, solution, answer=answer, answer_format=spec.answer_format,
+                              strip_calculator=spec.strip_calculator,
+                              enable_thinking=spec.enable_thinking, source_line=line)
     except BadRowError as e:
         return e.row
     except SegmentationError as e:
@@ -139,9 +163,19 @@ def row_to_example(tok: Tokenizer, spec: RowSpec, path: str, line: int,
         return BadRow(path, line, key, e.reason)
     longest = max(len(ex.student), ex.teacher.max_length())
     if spec.max_length is not None and longest > spec.max_length:
-        return BadRow(path, line, spec.solution_key,
+        return BadRow(path, line, spec.solution_key or spec.problem_key,
                       f"too long: {longest} prompt tokens > max length {spec.max_length}")
     return ex
+
+
+def _answer_only_example(tok: Tokenizer, spec: RowSpec, problem: str, answer: str,
+                         line: int) -> Example:
+    """A row with no reference solution: the answer field is the final answer as it stands, the
+    solution is empty and the reference has no segments (the teacher prompt shows only the answer
+    line). Enough for evaluation, which reads the student prompt and the answer."""
+    seg = Segmentation(segments=(), unit=UNITS[0], answer=answer.strip())
+    return make_example(tok, problem, "", seg=seg, enable_thinking=spec.enable_thinking,
+                        source_line=line)
 
 
 def iter_parquet_rows(path: str) -> Iterator[tuple[int, dict]]:
