@@ -190,11 +190,36 @@ def _read_one(path: str) -> tuple[dict[str, Any], str | None]:
     return out, base
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Lists a boolean's --no-X beside its --X on the one entry that carries the help text
+    (the --no-X action itself is hidden, so no flag is listed twice)."""
+
+    def _format_action_invocation(self, action) -> str:
+        text = super()._format_action_invocation(action)
+        negative = getattr(action, "negative_flag", None)
+        return f"{text}, {negative}" if negative else text
+
+
+def _add_bool(group, f: dataclasses.Field, flag: str, help_text: str) -> None:
+    """--X [BOOL] (bare --X = true), plus --no-X = false. A field already named as a negation
+    (no_load_optim, Megatron's --no-load-optim) gets only its own flag: no --no-no-load-optim."""
+    action = group.add_argument(flag, dest=f.name, nargs="?", const="true", default=None,
+                                metavar="BOOL", help=help_text)
+    if not f.name.startswith("no_"):
+        action.negative_flag = "--no-" + flag[2:]
+        group.add_argument(action.negative_flag, dest=f.name, action="store_const", const="false",
+                           help=argparse.SUPPRESS)
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
-    """Megatron-style parser: --config plus one --kebab-case flag per config field."""
+    """Megatron-style parser: --config plus one --kebab-case flag per config field. The usage line
+    names --config only: the option list below it is where each flag appears, once."""
     parser = argparse.ArgumentParser(description="ATESD self-distillation on megatron-core",
-                                     allow_abbrev=False)
-    parser.add_argument("--config", default="", help="YAML config (sections as in atesd_mc.config)")
+                                     usage="%(prog)s [-h] [--config YAML] [--FLAG VALUE ...] "
+                                           "(flags override the YAML)",
+                                     formatter_class=_HelpFormatter, allow_abbrev=False)
+    parser.add_argument("--config", default="", metavar="YAML",
+                        help="YAML config (sections as in atesd_mc.config)")
     parser.add_argument("--name", default=None, help="run name (default: the config file's stem)")
     for section, cls in SECTIONS.items():
         group = parser.add_argument_group(section)
@@ -203,12 +228,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
             flag = "--" + f.name.replace("_", "-")
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             help_text = f"{docs.get(f.name, '')} (default: {default})".replace("%", "%%")
-            tp = _resolved_type(cls, f)
-            if tp is bool:
-                group.add_argument(flag, dest=f.name, nargs="?", const="true", default=None,
-                                   metavar="BOOL", help=help_text)
-                group.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name,
-                                   action="store_const", const="false")
+            if _resolved_type(cls, f) is bool:
+                _add_bool(group, f, flag, help_text)
             else:
                 group.add_argument(flag, dest=f.name, default=None, help=help_text)
     return parser

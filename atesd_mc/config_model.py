@@ -38,7 +38,8 @@ class ModelConfig:
     untie_embeddings_and_output_weights: bool = False
     """Separate output layer (Qwen3-8B); tied for 0.6B/1.7B/4B."""
     params_dtype: str = "auto"
-    """auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16."""
+    """auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 (on CPU too: bf16 weights and activations,
+    fp32 master weights in the optimizer, as on GPU)."""
     transformer_impl: str = "auto"
     """auto (transformer_engine spec when it imports, else local) | local | transformer_engine."""
     lora_rank: int = 0

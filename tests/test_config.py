@@ -42,6 +42,33 @@ def test_flag_help_comes_from_field_docstrings():
     assert "Reveal ratio" in text or "Alpha for fixed exposure" in text
 
 
+
+def test_help_lists_every_flag_once_without_double_negatives():
+    """--help's option list names each flag of the parser exactly once (a boolean's --no-X on its
+    --X entry), the usage line repeats none but --config, and no flag negates a negation: a field
+    named no_load_optim is --no-load-optim (a bare switch, or with true/false), never --no-no-."""
+    import re
+    from collections import Counter
+
+    parser = build_arg_parser()
+    usage, _, body = parser.format_help().partition("\n\n")
+    entries = Counter()
+    for line in body.splitlines():
+        if re.match(r"  -", line):  # an entry's invocation, then its help after 2+ spaces
+            invocation = re.split(r"\s{2,}", line.strip())[0]
+            entries.update(re.findall(r"(?<![\w-])--?[a-z][\w-]*", invocation))
+    option_strings = [o for a in parser._actions for o in a.option_strings]
+    assert [f for f, n in entries.items() if n > 1] == []
+    assert sorted(entries) == sorted(option_strings)  # every flag listed, the hidden --no-X included
+    assert re.findall(r"--[a-z][\w-]*", usage) == ["--config"]
+    assert not [o for o in option_strings if o.startswith("--no-no-")]
+    assert "--no-tensorboard" in entries and "--no-load-optim" in entries and "--no-load-rng" in entries
+    assert not parse_config([]).checkpoint.no_load_optim
+    assert parse_config(["--no-load-optim"]).checkpoint.no_load_optim
+    assert not parse_config(["--no-load-rng", "false"]).checkpoint.no_load_rng
+    assert parse_config(["--no-tensorboard"]).logging.tensorboard is False
+    assert parse_config(["--tensorboard", "false", "--progress-bar"]).logging.tensorboard is False
+
 def test_unknown_yaml_key_names_file_and_key(tmp_path):
     path = _yaml(tmp_path, "model:\n  hiden_size: 96\n")
     with pytest.raises(ConfigError, match=r"c\.yaml.*unknown key model\.hiden_size"):
@@ -97,6 +124,27 @@ def test_cli_reports_config_error_in_one_line(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1].startswith("error: invalid config: num_query_groups=3")
 
+
+
+def test_cli_refuses_a_tokenizer_larger_than_the_model_in_one_line(tmp_path):
+    """The synthetic task's tokenizer (a few hundred ids) on a 200-id model: one error line naming
+    the tokenizer and both sizes, exit 2, and no training (no metrics written)."""
+    import re
+
+    from atesd_mc.data.tokenizer import load_tokenizer
+
+    run = tmp_path / "run"
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "pretrain_atesd.py"),
+                          "--vocab-size", "200", "--synthetic-train-size", "200", "--synthetic-eval-size", "4",
+                          "--probe-size", "4", "--save", str(run), "--cache-dir", str(tmp_path / "cache"),
+                          "--no-tensorboard"], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert out.returncode == 2, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    m = re.match(r"error: tokenizer (\S+) has (\d+) ids but the model's vocabulary is 200 \(", last)
+    assert m, out.stderr[-2000:]
+    assert int(m.group(2)) == load_tokenizer(m.group(1)).vocab_size > 200
+    assert "Traceback" not in out.stderr and not (run / "metrics.jsonl").exists()
 
 def test_yaml_examples_parse():
     import glob

@@ -104,3 +104,25 @@ def test_load_errors_name_the_path():
         load_tokenizer(d)
     with pytest.raises(TokenizerError, match="nope"):
         load_tokenizer(os.path.join(d, "nope"))
+
+
+def test_training_refuses_a_tokenizer_with_more_ids_than_the_model():
+    """Ids past the model's vocabulary would index the embedding's untrained padding rows: the
+    trainer's problem loading stops with one line naming both sizes, before reading the store."""
+    from atesd_mc.config import ConfigError
+    from atesd_mc.config_io import config_from_dict
+    from atesd_mc.tasks import check_vocabulary, load_problems
+
+    path = bpe_dir()  # 1024 ids
+    cfg = config_from_dict({"model": {"vocab_size": 1000},
+                            "data": {"data_path": os.path.join(tmp_dir(), "store"), "tokenizer": path}})
+    with pytest.raises(ConfigError) as e:
+        load_problems(cfg)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"tokenizer {path} has 1024 ids but the model's vocabulary is 1000 ("), msg
+    tok = bpe_tokenizer()
+    for vocab in (0, 1024, 1025, 151936):  # 0: the tokenizer's own size; larger: padding is unused
+        check_vocabulary(config_from_dict({"model": {"vocab_size": vocab}}), tok)
+    with pytest.raises(ConfigError, match="has 1024 ids but the model's vocabulary is 1023 "):
+        check_vocabulary(config_from_dict({"model": {"vocab_size": 1023}}), tok)

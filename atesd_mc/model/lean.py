@@ -130,7 +130,7 @@ def _rope_tables(model, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     freqs = model.rotary_pos_emb(length).reshape(length, 1, 1, -1)
     half = freqs.shape[-1] // 2
     sin = freqs.sin()
-    dtype = model.config.params_dtype
+    dtype = model.embedding.word_embeddings.weight.dtype  # the dtype q and k are computed in
     return freqs.cos().to(dtype), torch.cat((-sin[..., :half], sin[..., half:]), -1).to(dtype)
 
 
@@ -159,7 +159,10 @@ def _attention(attn, norm, x, cos, sin, attend) -> torch.Tensor:
     # its k head are adjacent, so QK-norm and RoPE run once over all of them.
     qkv = _linear(attn.linear_qkv, h).view(b, s, groups, per + 2, d)
     qk_weight = torch.cat((attn.q_layernorm.weight.expand(per, d), attn.k_layernorm.weight[None]))
-    qk = _rope(F.rms_norm(qkv[..., :per + 1, :], (d,), None, eps) * qk_weight, cos, sin)
+    # Normalise and scale in fp32 and round once to the model's dtype, as torch's RMSNorm (megatron's
+    # local q/k_layernorm) does; scaling a rounded bf16 norm would round twice. No-ops in fp32.
+    normed = F.rms_norm(qkv[..., :per + 1, :].float(), (d,), None, eps) * qk_weight
+    qk = _rope(normed.to(qkv.dtype), cos, sin)
     q, k, v = qk[..., :per, :].reshape(b, s, heads, d), qk[..., per, :], qkv[..., per + 1, :]
     return _linear(attn.linear_proj, attend(q, k, v))
 
@@ -170,7 +173,8 @@ class LeanDecoder:
     def __init__(self, model, batch: int, total: int):
         cfg = model.config
         self.model = model
-        dev, dtype = model.embedding.word_embeddings.weight.device, cfg.params_dtype
+        weight = model.embedding.word_embeddings.weight
+        dev, dtype = weight.device, weight.dtype
         shape = (len(model.decoder.layers), batch, cfg.num_query_groups, total, cfg.kv_channels)
         self.k_cache = torch.zeros(shape, dtype=dtype, device=dev)
         self.v_cache = torch.zeros(shape, dtype=dtype, device=dev)

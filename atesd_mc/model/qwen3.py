@@ -67,6 +67,13 @@ def build_model(cfg: ModelConfig, par: ParallelConfig, vocab_size: int, *, pre_p
         share_embeddings_and_output_weights=not cfg.untie_embeddings_and_output_weights,
         position_embedding_type="rope", rotary_base=int(cfg.rotary_base), parallel_output=True)
     model.real_vocab_size = vocab_size  # logits past this index are padding
+    if model.config.bf16:
+        # Megatron's torch norms (the local spec's WrappedTorchNorm) ignore params_dtype and hold
+        # fp32 weights, so a bf16 model mixed dtypes: its RMSNorm outputs came out fp32 beside bf16
+        # values (attention refused the mix). Float16Module casts the student the same way; doing
+        # it here also covers every model never wrapped (the teacher's copy, evaluation). Norm
+        # weights start at ones, exact in bf16.
+        model.bfloat16()
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model
