@@ -113,9 +113,20 @@ if triton is not None:
         tl.store(out_ptr + N + row, tl.sum(acc_g, 0))
 
     @triton.jit
+    def _nearest_bf16(x):
+        """fp32 x moved to the nearest bf16 value (ties to even), still fp32. The interpreter casts fp32 to bf16
+        by truncation (toward zero: every stored gradient shrinks by 2^-9 on average, a bias that does not
+        average out over the tokens of a weight gradient); compiled Triton rounds to nearest, and after this
+        the interpreter's truncating store gives the same value."""
+        b = x.to(tl.uint32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+        return b.to(tl.float32, bitcast=True)
+
+    @triton.jit
     def _grad_kernel(s_ptr, t_ptr, g_ptr, norm_ptr, sg_ptr, scale_ptr, prm_ptr, N, V,
                      stride_s, stride_t, stride_g,
-                     BLOCK_V: tl.constexpr, ACC: tl.constexpr, KIND: tl.constexpr, HAS_CLIP: tl.constexpr):
+                     BLOCK_V: tl.constexpr, ACC: tl.constexpr, KIND: tl.constexpr, HAS_CLIP: tl.constexpr,
+                     ROUND_BF16: tl.constexpr):
         """d loss / d student logits = scale_n / T · (G_v − p_S,v Σ G). g_ptr may alias s_ptr."""
         row = tl.program_id(0).to(tl.int64)
         inv_temp = tl.load(prm_ptr).to(ACC)
@@ -132,6 +143,8 @@ if triton is not None:
                                ACC)
             _, lp = _terms(u, lt, beta, log_b, log_1mb, clip, KIND, HAS_CLIP)
             g = (lp - tl.exp(u) * sg) * scale
+            if ROUND_BF16:
+                g = _nearest_bf16(g)
             tl.store(g_ptr + row * stride_g + idx, g.to(g_ptr.dtype.element_ty), mask=msk)
 
 
@@ -174,4 +187,6 @@ def launch_grad(zs, zt, norm, sg, scale, spec: DivergenceSpec, out: torch.Tensor
     acc = acc_dtype(zs.dtype)
     _grad_kernel[(n,)](zs, zt, out, norm.contiguous(), sg.contiguous(), scale.to(acc).contiguous(),
                        spec.params(acc, zs.device), n, v, zs.stride(0), zt.stride(0), out.stride(0),
-                       KIND=spec.kind, HAS_CLIP=spec.clip is not None, **_launch_cfg(zs, cap))
+                       KIND=spec.kind, HAS_CLIP=spec.clip is not None,
+                       ROUND_BF16=interpreting() and out.dtype == torch.bfloat16 and acc == torch.float32,
+                       **_launch_cfg(zs, cap))

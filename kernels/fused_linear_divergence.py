@@ -6,7 +6,7 @@ Algorithm (one pass over token chunks; Liger's fused-linear pattern):
         zs = h_s[chunk] @ W^T, zt = h_t[chunk] @ W_t^T            # [c, V_local], torch matmul (cuBLAS / CPU BLAS)
         row primitives (divergence.rows_forward): log-sum-exps (all-reduced across the vocab group),
             per-token divergence, and d loss_n / d zs written in place over zs
-        grad_hidden[chunk] = dzs @ W ; grad_weight += dzs^T @ h_s[chunk]
+        grad_hidden[chunk] = dzs @ W ; grad_weight += dzs^T @ h_s[chunk]   (fp32 sum for bf16, see _add_wgrad)
 
 so only grad_hidden [N, H], grad_weight [V_local, H], O(N) per-token numbers and one chunk of logits
 exist at a time: extra memory O(c · V_local), independent of N. The backward only multiplies the stored
@@ -39,6 +39,13 @@ from .divergence import (DivergenceSpec, check_common, reduce_rows, reduction_sc
 # CUDA: 2^25 logits, rows a power of two (>= 16).
 TORCH_CHUNK_ELEMS = 1 << 24
 CUDA_CHUNK_ELEMS = 1 << 25
+# bf16 / fp16 weights: the weight gradient is summed over chunks in fp32 (see `_add_wgrad`), each chunk's
+# product going through a [rows, H] fp32 temporary of at most this many elements (64 MiB), so that the
+# temporary stays bounded whatever the vocabulary.
+WGRAD_SLICE_ELEMS = 1 << 24
+# cuBLAS GEMM with bf16 / fp16 inputs and an fp32 output (torch.mm(..., out_dtype=torch.float32), aten::mm.dtype_out;
+# older torch lacks it and upcasts instead): the chunk's product never passes through the input dtype.
+_MM_FP32_OUT = "dtype_out" in torch.ops.aten.mm.overloads()
 
 
 def default_chunk(n: int, v: int, backend: str) -> int:
@@ -49,12 +56,50 @@ def default_chunk(n: int, v: int, backend: str) -> int:
     return max(1, min(n, rows))
 
 
+def _add_wgrad(gw, dz, h, tmp):
+    """gw += dz^T @ h for one chunk, gw in the accumulation dtype (fp32 / fp64).
+
+    fp32 / fp64 inputs: one GEMM into gw, as always. bf16 / fp16: summing the chunks' products in the input
+    dtype rounds the running sum at every chunk, so its error grows with the number of chunks (2e-2 relative
+    after 256 bf16 chunks); here each product is formed in fp32 (cuBLAS: bf16 inputs, fp32 output; CPU: the
+    operands upcast, bf16 x bf16 products are exact in fp32), a vocabulary slice at a time through `tmp`
+    [rows, H], and added to gw; the caller casts gw to the weight dtype once, at the end."""
+    if dz.dtype == gw.dtype:
+        gw.addmm_(dz.t(), h)
+        return
+    fp32_out = tmp.is_cuda and _MM_FP32_OUT
+    if not fp32_out:
+        h = h.to(gw.dtype)
+    for v0 in range(0, dz.shape[1], tmp.shape[0]):
+        v1 = min(dz.shape[1], v0 + tmp.shape[0])
+        part = tmp[:v1 - v0]
+        if fp32_out:
+            torch.mm(dz[:, v0:v1].t(), h, out_dtype=gw.dtype, out=part)
+        else:
+            torch.mm(dz[:, v0:v1].t().to(gw.dtype), h, out=part)
+        gw[v0:v1].add_(part)
+
+
+def _wgrad_buffers(w_s):
+    """Zeroed accumulator for the weight gradient in the accumulation dtype, and `_add_wgrad`'s temporary.
+
+    Memory: for bf16 / fp16 weights the accumulator is fp32, twice the weight (this rank's [V_local, H] shard
+    under tensor parallelism): what megatron's fp32 main_grad holds anyway. At the end the cast copy (one
+    weight) exists next to it for a moment; the temporary is bounded by WGRAD_SLICE_ELEMS."""
+    acc = acc_dtype(w_s.dtype)
+    gw = torch.zeros(w_s.shape, dtype=acc, device=w_s.device)
+    if acc == w_s.dtype:
+        return gw, None
+    rows = max(1, min(w_s.shape[0], WGRAD_SLICE_ELEMS // max(1, w_s.shape[1])))
+    return gw, torch.empty(rows, w_s.shape[1], dtype=acc, device=w_s.device)
+
+
 def _chunked_pass(hs, ht, w_s, w_t, spec, group, backend, chunk, scale, need_h, need_w):
     """Per-token divergence [N]; with `scale`, also scale-weighted grads for hidden / weight."""
     n = hs.shape[0]
     d = torch.empty(n, dtype=acc_dtype(hs.dtype), device=hs.device)
     gh = torch.empty_like(hs) if scale is not None and need_h else None
-    gw = torch.zeros_like(w_s) if scale is not None and need_w else None
+    gw, wtmp = _wgrad_buffers(w_s) if scale is not None and need_w else (None, None)
     # two logit buffers reused by every chunk (on CPU, fresh 64 MiB tensors would be mmap'ed and
     # page-faulted in again for each chunk)
     rows = min(n, chunk)
@@ -70,8 +115,8 @@ def _chunked_pass(hs, ht, w_s, w_t, spec, group, backend, chunk, scale, need_h, 
         if gh is not None:
             torch.mm(zs, w_s, out=gh[a:b])
         if gw is not None:
-            gw.addmm_(zs.t(), hs[a:b])
-    return d, gh, gw
+            _add_wgrad(gw, zs, hs[a:b], wtmp)
+    return d, gh, None if gw is None else gw.to(w_s.dtype)  # the one cast (none for fp32 / fp64)
 
 
 class _FusedLinearDivergenceFunction(torch.autograd.Function):
@@ -103,9 +148,13 @@ class _FusedLinearDivergenceFunction(torch.autograd.Function):
                                       w * grad_out.to(w.dtype), need_h, need_w)
         else:
             gh, gw = ctx.saved_tensors
-            if not bool((grad_out == 1).all()):  # the usual loss.backward() skips two big multiplies
-                gh = None if gh is None else gh * grad_out.to(gh.dtype)
-                gw = None if gw is None else gw * grad_out.to(gw.dtype)
+            # grad_out is a scalar here (mean / sum). As a Python float it enters the multiply at fp32 (fp64)
+            # precision; cast to a bf16 tensor first it would be rounded, a relative error of up to 2^-9
+            # shared by every element of both gradients. One host sync, as the test for 1 needs anyway.
+            g = float(grad_out)
+            if g != 1.0:  # the usual loss.backward() skips two big multiplies
+                gh = None if gh is None else gh * g
+                gw = None if gw is None else gw * g
         return gh, None, gw, None, None, None, None, None, None, None
 
 
