@@ -17,11 +17,14 @@ import contextlib
 import dataclasses
 import datetime
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
+
+from atesd_mc.config_check import ConfigError
 
 _CPU_COMPAT_APPLIED = False
 
@@ -194,6 +197,95 @@ def model_parallel_seed(seed: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Launchers: which rank this process is, and which GPU it takes (docs/PLATFORM.md, Launchers)
+
+
+class LaunchError(ConfigError):
+    """The launcher's variables do not describe a usable process. A ConfigError, so the CLIs
+    print it as one `error: ...` line and exit 2."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LaunchEnv:
+    """This process as its launcher describes it."""
+
+    launcher: str
+    rank: int
+    world_size: int
+    local_rank: int | None  # None: nothing says; the device is then rank % visible GPUs
+    local_var: str | None  # the variable local_rank came from, for messages
+
+
+# (launcher, rank, world size, local rank). Innermost launcher first: torchrun started by srun
+# (examples/launch_slurm.sbatch) also sees srun's SLURM_*, and the ranks of an mpirun inside an
+# allocation inherit the SLURM_* of the step or batch script that ran mpirun. srun's world is the
+# step's task count (the allocation's SLURM_NTASKS can be larger); a batch script has SLURM_PROCID
+# but no step variables, so a single process started there is world 1.
+_LAUNCHERS = (
+    ("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK"),
+    ("mpirun (Open MPI)", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+    ("mpirun (MVAPICH2)", "MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_LOCAL_RANK"),
+    ("srun", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID"),
+)
+
+
+def _env_int(env: Mapping[str, str], name: str, default: int | None) -> int | None:
+    if name not in env:
+        return default
+    try:
+        return int(env[name])
+    except ValueError:
+        raise LaunchError(f"{name}={env[name]!r} is not an integer") from None
+
+
+def launch_env(env: Mapping[str, str]) -> LaunchEnv:
+    """Rank, world size and local rank from the first launcher in _LAUNCHERS that set its rank or
+    world size; none: a single process. LOCAL_RANK stands in when the launcher gives no local rank."""
+    found = next((row for row in _LAUNCHERS if row[1] in env or row[2] in env), None)
+    if found is None:
+        found = ("no launcher", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+    launcher, rank_var, world_var, local_var = found
+    rank, world = _env_int(env, rank_var, 0), _env_int(env, world_var, 1)
+    if world > 1 and rank_var not in env:
+        raise LaunchError(f"{world_var}={world} is set but {rank_var} is not ({launcher})")
+    if not 0 <= rank < world:
+        raise LaunchError(f"{rank_var}={rank} is not a rank of a world of {world} ({launcher})")
+    if local_var not in env:
+        local_var = "LOCAL_RANK" if "LOCAL_RANK" in env else None
+    local = _env_int(env, local_var, None) if local_var else None
+    if local is not None and local < 0:
+        raise LaunchError(f"{local_var}={local} is negative")
+    return LaunchEnv(launcher=launcher, rank=rank, world_size=world, local_rank=local, local_var=local_var)
+
+
+def local_device_index(env: Mapping[str, str], n_visible: int) -> int:
+    """The CUDA device index, of the n_visible this process sees, that it computes on."""
+    launch = launch_env(env)
+    shown = (f"CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']}" if "CUDA_VISIBLE_DEVICES" in env
+             else "CUDA_VISIBLE_DEVICES unset")
+    if n_visible < 1:
+        raise LaunchError(f"rank {launch.rank} sees no GPU ({shown})")
+    if launch.local_rank is None:
+        return launch.rank % n_visible  # ranks laid out node by node, one per GPU
+    if n_visible == 1:
+        return 0  # the launcher gave each process its own GPU (srun --gpus-per-task=1, a wrapper)
+    if launch.local_rank >= n_visible:
+        raise LaunchError(f"local rank {launch.local_rank} ({launch.local_var}) but only {n_visible} "
+                          f"GPUs are visible ({shown}): start at most one process per GPU on a node")
+    return launch.local_rank
+
+
+def check_rendezvous(env: Mapping[str, str], launch: LaunchEnv) -> None:
+    """Ranks of a world > 1 meet at MASTER_ADDR:MASTER_PORT; torchrun sets both, srun and mpirun
+    do not, and a default (localhost, a free port) would differ between ranks and hang."""
+    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if v not in env]
+    if launch.world_size > 1 and missing:
+        raise LaunchError(f"world size {launch.world_size} from {launch.launcher} but "
+                          f"{' and '.join(missing)} not set: export MASTER_ADDR=<host of rank 0> "
+                          f"MASTER_PORT=<free port> for every rank")
+
+
+# ---------------------------------------------------------------------------------------------
 # Initialisation
 
 
@@ -221,19 +313,22 @@ class ParallelInfo:
 
 def initialize(tp: int = 1, pp: int = 1, seed: int = 1234, backend: str = "auto",
                timeout_minutes: float = 10.0) -> ParallelInfo:
-    """Init the process group (from torchrun's env, or world 1), megatron parallel_state, seeds."""
+    """Init the process group (from torchrun's, srun's or mpirun's env, or world 1), megatron
+    parallel_state, seeds. A group made by the caller is used as it is, device included."""
     from megatron.core import parallel_state as ps
 
     if not cuda_available():
         apply_cpu_compat()
-    elif "LOCAL_RANK" in os.environ:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     if not dist.is_initialized():
+        launch = launch_env(os.environ)
+        check_rendezvous(os.environ, launch)
+        if cuda_available():
+            # Before the group exists: NCCL binds each rank's communicator to the current device.
+            torch.cuda.set_device(local_device_index(os.environ, torch.cuda.device_count()))
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        dist.init_process_group(backend=backend_for(backend),
-                                rank=int(os.environ.get("RANK", 0)),
-                                world_size=int(os.environ.get("WORLD_SIZE", 1)),
+        dist.init_process_group(backend=backend_for(backend), rank=launch.rank,
+                                world_size=launch.world_size,
                                 timeout=datetime.timedelta(minutes=timeout_minutes))
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
@@ -279,6 +374,11 @@ def broadcast_object(obj: Any, src: int = 0, group=None) -> Any:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return obj
     box = [obj if dist.get_rank() == src else None]
-    dist.broadcast_object_list(box, src=src, group=group,
-                               device=device() if backend_for() == "nccl" else None)
+    dist.broadcast_object_list(box, src=src, group=group, device=_object_device(dist.get_backend(group)))
     return box[0]
+
+
+def _object_device(group_backend: str) -> torch.device | None:
+    """Where the pickled bytes travel: NCCL moves only CUDA tensors (the current device, which
+    initialize set); gloo and mixed "cpu:gloo,cuda:nccl" groups take CPU ones (None: torch's CPU)."""
+    return device() if group_backend == "nccl" else None

@@ -381,8 +381,8 @@ def main(argv=None) -> int:
 
     if args.threads > 0 and not torch.cuda.is_available():
         torch.set_num_threads(args.threads)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
+        world = distributed.launch_env(os.environ).world_size  # torchrun, srun or mpirun
         cfg = load_config(args, rest, world)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
