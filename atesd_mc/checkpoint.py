@@ -158,10 +158,80 @@ def remove_stale_temps(root: str) -> None:
                 shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
+# ---------------------------------------------------------------------------------------------
+# Loading across layer specs. Transformer-engine modules keep fp8 scaling metadata as `_extra_state`
+# (saved as ShardedObjects), which modules of other specs lack or leave None. A checkpoint made on
+# CPU (local spec) thus lacks some of the `_extra_state` a TE model asks for, and a TE checkpoint
+# holds some that a local model never asks for (dist_checkpointing loads only what is asked).
+# Exactly those may be absent: the TE module then keeps its fresh metadata. Weights stay strict.
+
+EXTRA_STATE = "_extra_state"
+
+
+def _is_extra_state(key: str) -> bool:
+    return key.endswith(EXTRA_STATE)  # megatron's test too (make_sharded_tensors_for_checkpoint)
+
+
+def checkpoint_keys(path: str) -> set[str]:
+    """The sharded keys (tensors and objects) the checkpoint at path holds, from its metadata."""
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+
+    return {v.key for v in load_sharded_metadata(path).values()}
+
+
+def _drop_absent_extra_state(tree, present: set[str]):
+    """`tree` (a sharded state dict) without the `_extra_state` objects whose key is not in
+    `present`; a new dict, the caller's is left as it was."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    if isinstance(tree, dict):
+        return {k: _drop_absent_extra_state(v, present) for k, v in tree.items()
+                if not (isinstance(v, ShardedObject) and _is_extra_state(v.key) and v.key not in present)}
+    if isinstance(tree, list):  # megatron keeps no `_extra_state` in lists: positions stay as they are
+        return [_drop_absent_extra_state(v, present) for v in tree]
+    return tree
+
+
+def _asked_keys(tree) -> set[str]:
+    """Keys of the tensors and objects a sharded state dict asks for (factories build theirs
+    at load time: not listed, the load itself checks them)."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+
+    return {v.key for v in nested_values(tree) if isinstance(v, (ShardedTensor, ShardedObject))}
+
+
 def load_sharded(sharded_state_dict: dict, path: str) -> dict:
+    """dist_checkpointing.load of `sharded_state_dict` from path. Every tensor asked for must be
+    there; an `_extra_state` it lacks is left out of the result (see above). Missing entries are
+    named after the load failed: it fails on every rank, whereas a check before it would stop only
+    the ranks whose stage misses something and leave the others waiting in its collectives."""
     from megatron.core import dist_checkpointing
 
-    return dist_checkpointing.load(sharded_state_dict, path)
+    present = checkpoint_keys(path)
+    sharded_state_dict = _drop_absent_extra_state(sharded_state_dict, present)
+    try:
+        return dist_checkpointing.load(sharded_state_dict, path)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException:  # noqa: B036 - torch's CheckpointException is a BaseException
+        missing = sorted(_asked_keys(sharded_state_dict) - present)
+        if not missing:
+            raise
+    raise CheckpointError(f"{path}: lacks {len(missing)} entries the model has, e.g. {missing[:3]} "
+                          "(written by a different model or layer layout?)")
+
+
+def load_module_state(module, state_dict: dict, path: str) -> None:
+    """module.load_state_dict(state_dict) for a state dict that load_sharded returned: strict,
+    except that `_extra_state` entries may be missing (absent from the checkpoint, or never in the
+    module's sharded state dict, as TE's core attention's). CheckpointError names the keys."""
+    result = module.load_state_dict(state_dict, strict=False)
+    missing = [k for k in result.missing_keys if not _is_extra_state(k)]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f"{path}: does not fit the model: missing {missing[:4]} "
+                              f"({len(missing)} in all), unexpected {result.unexpected_keys[:4]} "
+                              f"({len(result.unexpected_keys)} in all)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,7 +315,7 @@ def load_sharded_checked(sharded_state_dict: dict, path: str) -> dict:
     verify_checkpoint(path)
     try:
         return load_sharded(sharded_state_dict, path)
-    except (KeyboardInterrupt, SystemExit):
+    except (KeyboardInterrupt, SystemExit, CheckpointError):
         raise
     except BaseException as e:  # noqa: B036
         text = str(e).strip()

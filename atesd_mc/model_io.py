@@ -98,7 +98,8 @@ def _load_stage(model, path: str) -> None:
     nested = os.path.exists(os.path.join(path, "trainer_state.pt"))
     sd = model.sharded_state_dict()
     loaded = ckpt.load_sharded_checked({"model": sd} if nested else sd, path)
-    model.load_state_dict(loaded["model"] if nested else loaded, strict=True)
+    # Strict for every weight; an `_extra_state` (TE's fp8 metadata) may be missing (checkpoint.py)
+    ckpt.load_module_state(model, loaded["model"] if nested else loaded, path)
 
 
 def load_weights(model, root: str, path: str | None = None) -> None:

@@ -37,6 +37,9 @@ def _swap(spec, old, new):
 
     if spec is old:
         return new
+    if isinstance(spec, functools.partial):  # megatron-core 0.19 builds the MLP as a partial
+        return functools.partial(_swap(spec.func, old, new), *(_swap(a, old, new) for a in spec.args),
+                                 **{k: _swap(v, old, new) for k, v in spec.keywords.items()})
     if isinstance(spec, ModuleSpec):
         spec.module = _swap(spec.module, old, new)
         spec.submodules = _swap(spec.submodules, old, new)
@@ -46,10 +49,21 @@ def _swap(spec, old, new):
     return spec
 
 
+# Checkpoint keys of separate input/pre-MLP norms under the names of the fused layout (TE's
+# LayerNormLinear: linear_qkv.layer_norm_weight, linear_fc1.layer_norm_weight), as megatron's local
+# spec maps them: every spec (local, TE, TE with unfused norms for LoRA) and import-hf then share
+# one checkpoint format. Prefixes, as TransformerLayer applies them (apply_prefix_mapping).
+FUSED_NORM_KEYS = {
+    "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+    "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+}
+
+
 def qwen3_layer_spec(impl: str, sequence_parallel: bool = False, unfused_norms: bool = False):
     """Qwen3 decoder layer: RMSNorm, QK-norm, SwiGLU MLP, no biases (the config sets the rest).
 
-    unfused_norms (TE only): use separate norm modules so LoRA hooks see the normalised input."""
+    unfused_norms (TE only): use separate norm modules so LoRA hooks see the normalised input;
+    their checkpoint keys stay those of the fused layout (FUSED_NORM_KEYS)."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
     if impl == "transformer_engine":
@@ -60,6 +74,9 @@ def qwen3_layer_spec(impl: str, sequence_parallel: bool = False, unfused_norms: 
             spec = _swap(spec, te.TELayerNormColumnParallelLinear, te.TEColumnParallelLinear)
             spec.submodules.input_layernorm = te.TENorm
             spec.submodules.pre_mlp_layernorm = te.TENorm
+            # A new dict: keep TE's own entries (its op-fuser MLP names), never edit megatron's.
+            spec.submodules.sharded_state_dict_keys_map = {
+                **spec.submodules.sharded_state_dict_keys_map, **FUSED_NORM_KEYS}
         return spec
     spec = specs.get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
     if sequence_parallel:
