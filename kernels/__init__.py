@@ -7,7 +7,9 @@ Ops (each: Triton kernels on CUDA, a chunked pure-torch path on CPU, an oracle i
 * `pack_masked_reference`         padding-free packing of teacher / student sequences
 * `reveal_lengths`                reference tokens revealed per sample for an exposure alpha
 
-Set TRITON_INTERPRET=1 before importing to run the Triton kernels on CPU (tests only).
+Every op takes backend="auto" | "triton" | "torch"; ATESD_KERNEL_BACKEND replaces "auto" (so it
+moves every kernel call of a training run, see _dispatch.py). Set TRITON_INTERPRET=1 before
+importing to run the Triton kernels on CPU (tests only).
 """
 from .divergence import KINDS, REDUCTIONS, divergence_loss
 from .fused_linear_divergence import fused_linear_divergence_loss

@@ -8,8 +8,12 @@ Every op takes `backend="auto" | "triton" | "torch"`:
   tests use it to run the kernels on small shapes.
 * ``torch``  -> the chunked pure-torch path (same algorithm and memory bound as the kernels).
 
-The environment variable ``ATESD_KERNEL_BACKEND`` replaces ``auto`` when set (handy for A/B runs
-without touching configs); an explicit ``triton``/``torch`` argument still wins.
+The environment variable ``ATESD_KERNEL_BACKEND`` (``auto`` | ``triton`` | ``torch``, read at every
+call) replaces ``auto`` when set; an explicit ``triton``/``torch`` argument still wins, so that the
+kernel tests can compare the two paths under any setting. Every kernel call inside atesd_mc (the
+losses, the teacher / student packing) passes ``auto``, so the variable forces a whole training run
+onto one backend: torch on a GPU for an A/B against the kernels, or, with ``TRITON_INTERPRET=1``,
+the GPU code path on CPU (tests/test_triton_path.py; docs/PLATFORM.md, Triton).
 """
 from __future__ import annotations
 
@@ -38,7 +42,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        backend = os.environ.get("ATESD_KERNEL_BACKEND", "auto")
+        backend = os.environ.get("ATESD_KERNEL_BACKEND") or "auto"  # set but empty: unset
         if backend not in BACKENDS:
             raise ValueError(f"ATESD_KERNEL_BACKEND must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
