@@ -59,8 +59,15 @@ def normalize_answer(s: str) -> str:
 
 
 def _math_verify(reference: str, predicted: str) -> bool | None:
-    """math-verify's verdict, or None if it could not parse one side."""
-    from math_verify import parse, verify
+    """math-verify's verdict, or None if it could not parse one side (or is not installed: then
+    the normalised string compare decides alone, with one warning per process)."""
+    try:
+        from math_verify import parse, verify
+    except ImportError:
+        import warnings
+
+        warnings.warn("math-verify is not installed: answers are compared as normalised strings only")
+        return None
 
     main = threading.current_thread() is threading.main_thread()
     timeout = VERIFY_TIMEOUT_S if main else None  # SIGALRM only exists in the main thread
