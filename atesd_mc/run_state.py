@@ -8,8 +8,8 @@ A checkpoint iter_XXXXXXX/ holds
 * rng_rank<R>.pt: each rank's torch RNG and model-parallel RNG tracker states;
 * model_config.json (rank 0): the model description (atesd_mc.model_io), so export-hf, evaluate
   and --finetune know the architecture, vocabulary, adapters and dtype from the checkpoint alone.
-Everything is read back with weights_only=True. Rollout sampling derives its generators from
-(seed, step, dp rank), so a resumed run samples what the uninterrupted run sampled."""
+Everything is read back with weights_only=True. Rollout sampling is keyed by
+(seed, step, global sample index), so a resumed run, on any layout, samples what the uninterrupted run sampled."""
 from __future__ import annotations
 
 import os

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
 
 from atesd_mc import schedule
 from atesd_mc.batching import PairBatch, SideBatch, build_pair, build_side, per_sequence_weights
-from atesd_mc.generation import Rollouts, SamplingParams, generate, generate_bucketed
+from atesd_mc.generation import Rollouts, SampleKeys, SamplingParams, generate, generate_bucketed, stream_key
 from atesd_mc.losses import distill_loss, rollout_statistics, sft_loss
 from atesd_mc.model.qwen3 import tp_input
 from atesd_mc.optim import optimizer_step, zero_grads
@@ -30,16 +31,21 @@ def sampling(rt: Runtime, *, greedy: bool = False, max_new: int | None = None) -
                           top_p=g.top_p, top_k=g.top_k, eos_id=rt.eos_id)
 
 
-def rollout_generator(rt: Runtime, step: int, *salt: int) -> torch.Generator:
-    """Sampling randomness from (seed, step, data-parallel rank, salt): resumable without state."""
-    seed = hash((rt.cfg.train.seed, step, rt.info.dp_rank) + salt) % (2 ** 63)
-    return torch.Generator().manual_seed(seed)
+# Purposes of the sampling streams of one step (the third part of stream_key).
+ROLLOUT, EVAL = 0, 7919
+
+
+def rollout_keys(rt: Runtime, step: int, indices: Sequence[int], purpose: int = ROLLOUT) -> SampleKeys:
+    """Sampling randomness from (seed, step, purpose) and each row's global sample index, never
+    the rank: every parallel layout samples the same tokens, and a resumed run (on any layout)
+    samples what the uninterrupted run sampled, without saved state."""
+    return SampleKeys(stream_key(rt.cfg.train.seed, step, purpose), tuple(indices))
 
 
 def rollouts(rt: Runtime, prompts: list[list[int]], params: SamplingParams,
-             generator: torch.Generator) -> Rollouts:
+             keys: SampleKeys | torch.Generator) -> Rollouts:
     """The student samples a continuation of each prompt (on the resolved decode engine)."""
-    return generate(rt.ddp, prompts, params, generator, lean=rt.engine.lean_decode)
+    return generate(rt.ddp, prompts, params, keys, lean=rt.engine.lean_decode)
 
 
 # ------------------------------------------------------------------------------------- teacher
@@ -73,16 +79,19 @@ def student_forward(rt: Runtime, sides: list[SideBatch]) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def teacher_score(rt: Runtime, examples: list, references: list[list[int]], alpha: float | None) -> float:
-    """Teacher-grounded score: the exposed teacher's mean log-prob per token of the reference."""
-    if alpha is None or not examples:
+    """Teacher-grounded score: the exposed teacher's mean log-prob per token of the reference.
+    A replica may hold none of the examples (they are a global selection): it still joins the sum."""
+    if alpha is None:
         return float("nan")
-    pair = build_pair(examples, references, alpha, rt.cfg.exposure.reveal_unit, rt.device)
-    w = output_weights(rt)
-    with rt.teacher.context() as teacher_model:
-        infos = schedule.run(teacher_model, [pair.teacher], lambda h, i: (h.sum() * 0, {
-            "lp": -sft_loss(h, w.for_teacher, w.valid, pair.rollout_ids,
-                            torch.ones_like(pair.rollout_ids, dtype=h.dtype)),
-            "n": float(len(pair.rollout_ids))}), forward_only=True, lean=rt.engine.lean_forward)
+    infos = []
+    if examples:
+        pair = build_pair(examples, references, alpha, rt.cfg.exposure.reveal_unit, rt.device)
+        w = output_weights(rt)
+        with rt.teacher.context() as teacher_model:
+            infos = schedule.run(teacher_model, [pair.teacher], lambda h, i: (h.sum() * 0, {
+                "lp": -sft_loss(h, w.for_teacher, w.valid, pair.rollout_ids,
+                                torch.ones_like(pair.rollout_ids, dtype=h.dtype)),
+                "n": float(len(pair.rollout_ids))}), forward_only=True, lean=rt.engine.lean_forward)
     total = global_sum(rt.info, _Mean(total=sum(float(i["lp"]) for i in infos), n=sum(i["n"] for i in infos)),
                        rt.device)
     return total.total / max(total.n, 1)
@@ -256,15 +265,17 @@ def held_out_accuracy(rt: Runtime, held: list, tokenizer, step: int, *, greedy: 
         return {}
     k = 1 if greedy else rt.cfg.train.eval_samples
     mode = "greedy" if greedy else f"avg@{k}"
-    mine = [ex for ex in held[rt.info.dp_rank::rt.dp] for _ in range(k)]
+    # Problem m's j-th sample is global sample m * k + j, whichever rank evaluates it.
+    problems = range(rt.info.dp_rank, len(held), rt.dp)
+    mine = [held[m] for m in problems for _ in range(k)]
+    keys = rollout_keys(rt, step, [m * k + j for m in problems for j in range(k)], EVAL)
     params = sampling(rt, greedy=greedy, max_new=rt.cfg.train.eval_max_new_tokens or None)
     # Rank 0 shows its own share; the data-parallel ranks split the set evenly.
     share = f", data-parallel rank 0 of {rt.dp}" if rt.dp > 1 else ""
     with Progress(len(mine) // k, f"held-out eval at iteration {step} ({mode}{share})",
                   rows_per_problem=k, enabled=rt.is_rank0 and rt.cfg.logging.progress_bar) as bar:
-        out = generate_bucketed(rt.ddp, [ex.student.tolist() for ex in mine], params,
-                                rollout_generator(rt, step, 7919), lean=rt.engine.lean_decode,
-                                progress=bar.update)
+        out = generate_bucketed(rt.ddp, [ex.student.tolist() for ex in mine], params, keys,
+                                lean=rt.engine.lean_decode, progress=bar.update)
     correct = sum(int(is_correct(tokenizer.decode(t, skip_special_tokens=True), ex.answer))
                   for ex, t in zip(mine, out.tokens))
     g = global_sum(rt.info, _Correct(correct=correct, total=len(mine)), rt.device)

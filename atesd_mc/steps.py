@@ -30,6 +30,10 @@ class TrainData:
     def next_examples(self) -> list:
         return [self.problems.train[i] for i in self.sampler.next_batch()]
 
+    def global_indices(self, n: int) -> range:
+        """Global sample indices of this rank's n examples of a step (its slice of the global batch)."""
+        return range(self.sampler.first_index, self.sampler.first_index + n)
+
 
 @dataclasses.dataclass(kw_only=True, slots=True)
 class RolloutStats:
@@ -85,9 +89,10 @@ def distill_step(rt: Runtime, data: TrainData, exposure, step: int, timer: Timer
     alpha schedule or controller (rank 0; None elsewhere)."""
     alpha = distributed.broadcast_object(float(exposure.alpha_for_step(step)) if exposure else None)
     examples = data.next_examples()
+    rows = data.global_indices(len(examples))
     with timer("rollout"):
         rolled = stages.rollouts(rt, [ex.student.tolist() for ex in examples], stages.sampling(rt),
-                                 stages.rollout_generator(rt, step))
+                                 stages.rollout_keys(rt, step, rows))
     pairs = stages.teacher_contexts(rt, examples, rolled.tokens, alpha)
     with timer("teacher"):
         h_teacher = stages.teacher_forward(rt, [p.teacher for p in pairs])
@@ -96,7 +101,8 @@ def distill_step(rt: Runtime, data: TrainData, exposure, step: int, timer: Timer
     sums = global_sum(rt.info, stages.distill_sums(infos, rolled, pairs), rt.device)
     flops = step_flops(rt, examples, rolled, pairs)
     with timer("stats"):
-        few = examples[: min(4, len(examples))]
+        # The global batch's first 4 examples, wherever they sit (none on some replicas).
+        few = [ex for ex, i in zip(examples, rows) if i < 4]
         score = stages.teacher_score(rt, few, [data.references(ex) for ex in few], alpha)
     loss = injected_loss(rt, step, sums.loss / rt.dp)
     with timer("optimizer"):

@@ -48,7 +48,7 @@ def cache_path(w: WarmStartInputs) -> str:
                       "synthetic": [cfg.data.synthetic_train_size, cfg.data.synthetic_min_steps,
                                     cfg.data.synthetic_max_steps, cfg.data.probe_size],
                       "iters": cfg.train.warm_start_iters, "lr": cfg.train.warm_start_lr,
-                      "batch": cfg.train.warm_start_batch_size, "recipe": 3,
+                      "batch": cfg.train.warm_start_batch_size, "recipe": 4,  # 4: one global stream sliced per rank (layout-invariant)
                       # What was asked, not what this layout runs: the cache serves every TP/PP layout.
                       "engine": [cfg.train.train_engine, torch.cuda.is_available()],
                       "mix": cfg.train.warm_start_teacher_fraction, "gbs": cfg.train.global_batch_size,
@@ -57,7 +57,23 @@ def cache_path(w: WarmStartInputs) -> str:
 
 
 def _stream(w: WarmStartInputs, seed: int):
-    """Endless (prompt tokens, response tokens) pairs for this data-parallel rank.
+    """Endless (prompt tokens, response tokens) pairs for this data-parallel rank: its contiguous
+    slice of each global batch drawn from one stream that every rank draws alike, so the warm start
+    is the same on every layout (with one rank, the stream rank 0 drew before: same warm starts).
+    Only this rank's examples are tokenised."""
+    size = w.cfg.train.warm_start_batch_size or w.cfg.train.global_batch_size
+    per_rank = size // w.info.dp
+    first = w.info.dp_rank * per_rank
+    draws = _draws(w, random.Random(f"{seed}-warm-0"))
+    while True:
+        batch = [next(draws) for _ in range(size)]
+        for build in batch[first:first + per_rank]:
+            yield build()
+
+
+def _draws(w: WarmStartInputs, rng: random.Random):
+    """Endless global stream of examples, each a function building its (prompt, response) tokens:
+    drawing consumes `rng`, building does not.
 
     Synthetic task: its own warm-start mix (novel facts get fresh random values in every example,
     so only the teacher format can get them right: by copying revealed lines), tokenised here.
@@ -65,27 +81,31 @@ def _stream(w: WarmStartInputs, seed: int):
     from atesd_mc.data.store import make_example
 
     cfg, train, tok = w.cfg, w.problems.train, w.problems.tokenizer
-    eos = tok.eos_id
-    rng = random.Random(f"{seed}-warm-{w.info.dp_rank}")
     if not cfg.data.data_path:
         from atesd_mc.data.synthetic import warm_start_examples
         from atesd_mc.tasks import synthetic_task_config
 
         task = dataclasses.replace(synthetic_task_config(cfg),
                                    warm_teacher_fraction=cfg.train.warm_start_teacher_fraction)
-        for kind, row, k in warm_start_examples(task, rng):
+
+        def synthetic(kind, row, k):
             ex = make_example(tok, row["problem"], row.get("reference", row["solution"]),
                               answer=row["answer"], enable_thinking=False)
             prompt = ex.student if kind == "student" else ex.teacher.tokens(k)
-            yield prompt.tolist(), tok.encode(row["solution"]) + [eos]
+            return prompt.tolist(), tok.encode(row["solution"]) + [tok.eos_id]
+
+        for kind, row, k in warm_start_examples(task, rng):
+            yield lambda kind=kind, row=row, k=k: synthetic(kind, row, k)
     exclude = set(w.problems.train_exclude)
     pool = [i for i in range(len(train)) if i not in exclude]
     while True:
-        ex = train[rng.choice(pool)]
+        i = rng.choice(pool)
         if rng.random() < cfg.train.warm_start_teacher_fraction:
-            yield ex.teacher.tokens(rng.randint(0, ex.teacher.num_segments)).tolist(), w.references(ex)
+            ex = train[i]  # its segment count is part of the draw
+            k = rng.randint(0, ex.teacher.num_segments)
+            yield lambda ex=ex, k=k: (ex.teacher.tokens(k).tolist(), w.references(ex))
         else:
-            yield ex.student.tolist(), w.references(ex)
+            yield lambda i=i: (train[i].student.tolist(), w.references(train[i]))
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -131,7 +151,9 @@ def _log(info: ParallelInfo, text: str) -> None:
 
 
 def load_into(model, path: str) -> None:
-    model.load_state_dict(load_sharded(model.sharded_state_dict(), path), strict=False)
+    from atesd_mc.checkpoint import load_module_state
+
+    load_module_state(model, load_sharded(model.sharded_state_dict(), path), path)
 
 
 def train_or_reuse(w: WarmStartInputs) -> tuple[str, dict]:

@@ -74,3 +74,17 @@ def test_refuses_a_state_from_another_stream():
         DistributedBatchSampler(10, batch_per_rank=4, dp_size=2, exclude=range(3))
     with pytest.raises(ValueError):
         DistributedBatchSampler(10, batch_per_rank=1, dp_rank=2, dp_size=2)
+
+
+def test_every_dp_size_sees_the_same_global_batches_in_order():
+    """Layout invariance: rank r's slice starts at global position first_index, and the global
+    batches (across an epoch boundary) do not depend on how many ranks share them."""
+    one = _ranks(64, 8, 1, seed=2, exclude=[3, 9])[0]
+    ref = [one.next_batch() for _ in range(12)]  # 62 // 8 = 7 steps per epoch
+    assert len({i for b in ref[:7] for i in b}) == 56
+    for dp in (2, 4, 8):
+        ranks = _ranks(64, 8 // dp, dp, seed=2, exclude=[3, 9])
+        assert [s.first_index for s in ranks] == [r * (8 // dp) for r in range(dp)]
+        assert [[i for s in ranks for i in s.next_batch()] for _ in range(12)] == ref
+    a, b = _ranks(64, 4, 2, seed=2, exclude=[3, 9])
+    assert [a.next_global_batch() for _ in range(12)] == [b.next_global_batch() for _ in range(12)] == ref

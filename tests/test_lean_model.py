@@ -132,7 +132,11 @@ def test_training_steps_match_megatron_engine(tmp_path):
     30-step warm start trained each way (same rollouts, losses within 1e-5)."""
     from test_trainer import _cfg
 
-    cfg = _cfg(tmp_path, warm_start_iters=30, warm_start_lr=3e-3)
+    # lr 1e-4, not the usual 1e-3: Adam turns a gradient element of ~1e-8 (about its eps) into a
+    # step of about +-lr, so float rounding that differs between the engines there becomes an
+    # lr-sized weight difference after the first update; what this test compares is the engines'
+    # arithmetic, not that amplification.
+    cfg = _cfg(tmp_path, warm_start_iters=30, warm_start_lr=3e-3, lr=1e-4)
     cfg.train.train_engine = "lean"
     lean = run_distributed(_records, world=1, args=(cfg, 3))[0]
     cfg.generation.inference_engine = cfg.train.train_engine = "megatron"

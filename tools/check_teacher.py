@@ -19,6 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+CHECK_KEYS = 1
+"""The sampling stream's purpose (stages.rollout_keys): not the trainer's rollouts' nor its eval's."""
 
 
 def _log_probs(h, w, valid):
@@ -61,15 +63,16 @@ def measure(trainer, n: int) -> list[dict]:
     held = list(problems.eval)[:n]
     greedy = stages.sampling(rt, greedy=True)
 
-    def accuracy(model, prompts):
-        out = generate_bucketed(model, prompts, greedy, torch.Generator().manual_seed(0),
-                                lean=rt.engine.lean_decode)
+    def accuracy(model, prompts):  # greedy: no randomness, no keys
+        out = generate_bucketed(model, prompts, greedy, None, lean=rt.engine.lean_decode)
         return sum(is_correct(tok.decode(t, skip_special_tokens=True), ex.answer)
                    for ex, t in zip(held, out.tokens)) / len(held)
 
     rows = [{"who": "student", "accuracy": accuracy(rt.ddp, [ex.student.tolist() for ex in held])}]
-    rollouts = generate_bucketed(rt.ddp, [ex.student.tolist() for ex in held], stages.sampling(rt),
-                                 torch.Generator().manual_seed(1), lean=rt.engine.lean_decode).tokens
+    # Held-out problem i's rollout is sample i of its own stream (purpose CHECK_KEYS).
+    keys = stages.rollout_keys(rt, 0, range(len(held)), purpose=CHECK_KEYS)
+    rollouts = generate_bucketed(rt.ddp, [ex.student.tolist() for ex in held], stages.sampling(rt), keys,
+                                 lean=rt.engine.lean_decode).tokens
     synthetic = not rt.cfg.data.data_path
     novel = _novel_value_positions(rt.cfg, tok, rollouts) if synthetic else []
     w = stages.output_weights(rt)

@@ -3,7 +3,9 @@
 Each epoch is a fresh permutation of the eligible indices (all minus the held-out probe set),
 drawn from numpy's PCG64 seeded by (seed, epoch), so it depends on nothing but those two
 numbers. A global batch is ``batch_per_rank * dp_size`` consecutive permuted indices; rank r
-takes the r-th contiguous slice of it. The incomplete last global batch of an epoch is dropped so
+takes the r-th contiguous slice of it, so the global batches and their order are the same for
+every ``dp_size`` with the same global batch, and the example at global position j of a step is
+the same whichever rank holds it (``first_index``: where this rank's slice starts). The incomplete last global batch of an epoch is dropped so
 every rank always gets a full batch and the ranks never disagree on when an epoch ends.
 
 The position (epoch, step within the epoch) is checkpointed with ``state_dict()``. Resuming with
@@ -42,7 +44,8 @@ class SamplerState:
 
 
 class DistributedBatchSampler:
-    """(seed, epoch, step, dp_rank, dp_size, batch_per_rank) -> this rank's example indices."""
+    """(seed, epoch, step, dp_rank, dp_size, batch_per_rank) -> this rank's example indices; the
+    global batch depends on (seed, epoch, step, dp_size * batch_per_rank) only."""
 
     def __init__(self, num_examples: int, *, batch_per_rank: int, dp_rank: int = 0,
                  dp_size: int = 1, seed: int = 0, exclude: Iterable[int] = ()):
@@ -58,6 +61,8 @@ class DistributedBatchSampler:
                                                                            len(excluded)))
         self.exclude_digest = _exclude_digest(excluded)
         self.global_batch = batch_per_rank * dp_size
+        self.first_index = dp_rank * batch_per_rank
+        """Global position (within each global batch) of this rank's first example."""
         self.steps_per_epoch = len(self.eligible) // self.global_batch
         if self.steps_per_epoch == 0:
             raise ValueError(f"{len(self.eligible)} eligible examples cannot fill one global "
@@ -71,21 +76,31 @@ class DistributedBatchSampler:
             self._perm, self._perm_epoch = rng.permutation(self.eligible), epoch
         return self._perm
 
-    def indices(self, epoch: int, step: int) -> list[int]:
-        """This rank's indices for (epoch, step); pure: no state is read or changed."""
+    def global_indices(self, epoch: int, step: int) -> list[int]:
+        """The whole global batch of (epoch, step), in global order; pure."""
         if not 0 <= step < self.steps_per_epoch:
             raise ValueError(f"step {step} outside [0, {self.steps_per_epoch})")
-        start = step * self.global_batch + self.dp_rank * self.batch_per_rank
-        return [int(i) for i in self.permutation(epoch)[start:start + self.batch_per_rank]]
+        start = step * self.global_batch
+        return [int(i) for i in self.permutation(epoch)[start:start + self.global_batch]]
 
-    def next_batch(self) -> list[int]:
-        """Indices for the current position, then advance (rolling over to the next epoch)."""
+    def indices(self, epoch: int, step: int) -> list[int]:
+        """This rank's indices for (epoch, step); pure: no state is read or changed."""
+        out = self.global_indices(epoch, step)
+        return out[self.first_index:self.first_index + self.batch_per_rank]
+
+    def next_global_batch(self) -> list[int]:
+        """The global batch at the current position, then advance (rolling over to the next
+        epoch); every rank gets the same list."""
         s = self.state
-        out = self.indices(s.epoch, s.step)
+        out = self.global_indices(s.epoch, s.step)
         s.step, s.consumed = s.step + 1, s.consumed + 1
         if s.step == self.steps_per_epoch:
             s.epoch, s.step = s.epoch + 1, 0
         return out
+
+    def next_batch(self) -> list[int]:
+        """This rank's slice of next_global_batch()."""
+        return self.next_global_batch()[self.first_index:self.first_index + self.batch_per_rank]
 
     def __iter__(self):
         while True:
