@@ -65,6 +65,14 @@ class TrainConfig:
     """Prompts per micro-batch per data-parallel rank."""
     global_batch_size: int = 16
     """Prompts per step across data-parallel ranks and micro-batches."""
+    micro_batch_tokens: int = 0
+    """Token budget per micro-batch (0 = fixed micro-batches of micro_batch_size prompts). Once
+    the rollouts exist, distillation moves whole samples between data-parallel replicas so each
+    holds about the same [prompt ; response] tokens, and every rank packs its sequences into
+    micro-batches of at most this many tokens (first-fit-decreasing, native packer; a longer
+    sequence takes a micro-batch of its own); SFT, GRPO and warm start keep fixed micro-batches.
+    The loss is a mean of per-sequence means, so neither changes the loss or gradients beyond float
+    rounding; they even out the work of heavy-tailed rollout lengths."""
     lr: float = 1e-3
     """Peak learning rate (AdamW)."""
     min_lr: float = 0.0
@@ -116,6 +124,7 @@ class TrainConfig:
             require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
         require(self.global_batch_size % self.micro_batch_size == 0, "global_batch_size",
                 self.global_batch_size, f"must be a multiple of micro_batch_size={self.micro_batch_size}")
+        require(self.micro_batch_tokens >= 0, "micro_batch_tokens", self.micro_batch_tokens, "must be >= 0")
         require(self.lr > 0, "lr", self.lr, "must be > 0")
         require(0 <= self.min_lr <= self.lr, "min_lr", self.min_lr, f"must be in [0, lr={self.lr}]")
         for name in ("lr_warmup_iters", "warm_start_iters", "eval_interval", "warm_start_batch_size"):

@@ -11,8 +11,9 @@ from typing import Sequence
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 
-from atesd_mc import schedule
+from atesd_mc import packing, schedule
 from atesd_mc.batching import PairBatch, SideBatch, build_pair, build_side, per_sequence_weights
 from atesd_mc.generation import Rollouts, SampleKeys, SamplingParams, generate, generate_bucketed, stream_key
 from atesd_mc.losses import distill_loss, rollout_statistics, sft_loss
@@ -54,9 +55,40 @@ def rollouts(rt: Runtime, prompts: list[list[int]], params: SamplingParams,
 def teacher_contexts(rt: Runtime, examples: list, responses: list[list[int]], alpha: float) -> list[PairBatch]:
     """Per micro-batch: the teacher's [problem ; revealed reference ; answer ; transition ;
     response] and the student's [prompt ; response] (exposure/reveal.py's rule for alpha)."""
-    size, unit = rt.cfg.train.micro_batch_size, rt.cfg.exposure.reveal_unit
-    return [build_pair(mb, responses[i * size:(i + 1) * size], alpha, unit, rt.device)
-            for i, mb in enumerate(micro_batches(examples, size))]
+    groups = micro_batch_groups([len(ex.student) + len(r) for ex, r in zip(examples, responses)],
+                                rt.cfg.train.micro_batch_size, rt.cfg.train.micro_batch_tokens)
+    return [build_pair([examples[i] for i in g], [responses[i] for i in g], alpha,
+                       rt.cfg.exposure.reveal_unit, rt.device) for g in groups]
+
+
+def micro_batch_groups(lengths: Sequence[int], size: int, tokens: int = 0) -> list[list[int]]:
+    """Indices of each micro-batch: chunks of `size` sequences, or (tokens > 0) first-fit-decreasing
+    bins of at most `tokens` tokens (native packer). Every loss here is a mean of per-sequence means
+    weighted by the step's sequence count, so any grouping gives the same loss and gradients."""
+    if tokens > 0:
+        return packing.token_micro_batches(lengths, tokens)
+    return micro_batches(list(range(len(lengths))), size)
+
+
+def balance_across_ranks(rt: Runtime, examples: list, rows: Sequence[int], rolled: Rollouts):
+    """(examples, global rows, rollouts) this replica trains on after moving whole samples between
+    data-parallel replicas so each holds about the same [prompt ; response] tokens (the teacher and
+    student passes; generation already ran where the sample was drawn). Every replica gathers all
+    samples (all_gather_object over its data-parallel group: token lists, cheap at these sizes) and
+    computes the same deterministic assignment, in global-row order, so the result does not depend
+    on which replica drew a sample. Tensor/pipeline ranks of one replica hold the same samples and
+    therefore choose the same."""
+    if rt.dp == 1:
+        return examples, rows, rolled
+    mine = list(zip(rows, examples, rolled.tokens, rolled.finished))
+    gathered: list = [None] * rt.dp
+    dist.all_gather_object(gathered, mine, group=parallel_state.get_data_parallel_group())
+    every = sorted((s for part in gathered for s in part), key=lambda s: s[0])
+    share = packing.balance_ranks([len(ex.student) + len(toks) for _, ex, toks, _ in every],
+                                  rt.dp)[rt.info.dp_rank]
+    picked = [every[i] for i in share]
+    return ([s[1] for s in picked], [s[0] for s in picked],
+            Rollouts(tokens=[s[2] for s in picked], finished=[s[3] for s in picked]))
 
 
 def _keep_hidden(h: torch.Tensor, i: int):
@@ -163,12 +195,13 @@ class ResponseBatch:
 
 
 def response_batches(prompts: list[list[int]], responses: list[list[int]], micro: int,
-                     num_sequences: int, device) -> list[ResponseBatch]:
-    """SFT, GRPO, warm-start and probe micro-batches, built one way."""
+                     num_sequences: int, device, *, micro_tokens: int = 0) -> list[ResponseBatch]:
+    """SFT, GRPO, warm-start and probe micro-batches, built one way (micro_tokens > 0: token-budget
+    micro-batches, see micro_batch_groups)."""
     out = []
-    for start in range(0, len(prompts), micro):
-        resp = responses[start:start + micro]
-        side, ids = build_side(prompts[start:start + micro], resp, device)
+    for g in micro_batch_groups([len(p) + len(r) for p, r in zip(prompts, responses)], micro, micro_tokens):
+        resp = [responses[i] for i in g]
+        side, ids = build_side([prompts[i] for i in g], resp, device)
         weights = per_sequence_weights(torch.tensor([len(r) for r in resp]), num_sequences)
         out.append(ResponseBatch(side=side, ids=ids, weights=weights))
     return out

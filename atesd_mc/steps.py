@@ -93,11 +93,14 @@ def distill_step(rt: Runtime, data: TrainData, exposure, step: int, timer: Timer
     with timer("rollout"):
         rolled = stages.rollouts(rt, [ex.student.tolist() for ex in examples], stages.sampling(rt),
                                  stages.rollout_keys(rt, step, rows))
+    per_rank = len(examples)  # the per-sequence weights' count, whichever replica trains a sample
+    if rt.cfg.train.micro_batch_tokens:
+        examples, rows, rolled = stages.balance_across_ranks(rt, examples, rows, rolled)
     pairs = stages.teacher_contexts(rt, examples, rolled.tokens, alpha)
     with timer("teacher"):
         h_teacher = stages.teacher_forward(rt, [p.teacher for p in pairs])
     with timer("student"):
-        infos = stages.distill_backward(rt, pairs, h_teacher, len(examples))
+        infos = stages.distill_backward(rt, pairs, h_teacher, per_rank)
     sums = global_sum(rt.info, stages.distill_sums(infos, rolled, pairs), rt.device)
     flops = step_flops(rt, examples, rolled, pairs)
     with timer("stats"):
