@@ -20,7 +20,7 @@ from atesd_mc.model.qwen3 import tp_input
 from atesd_mc.optim import zero_grads
 from atesd_mc.run_log import Timer
 from atesd_mc.runtime import Runtime, counts_here, global_sum
-from atesd_mc.steps import StepStats, TrainData, injected_loss
+from atesd_mc.steps import StepStats, TrainData, update_and_probe
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -54,11 +54,7 @@ def grpo_step(rt: Runtime, data: TrainData, tokenizer, step: int, timer: Timer) 
     sums = global_sum(rt.info, _GrpoSums(loss=sum(float(x) for x in losses), correct=float(rewards.sum()),
                                          rollouts=float(len(examples)),
                                          rollout_tokens=float(sum(len(r) for r in rolled.tokens))), rt.device)
-    loss = injected_loss(rt, step, sums.loss / rt.dp)
-    with timer("optimizer"):
-        update = stages.optimizer_update(rt, loss)
-    with timer("stats"):
-        probe = stages.probe_nll(rt, data.problems.probe, data.references)
+    loss, update, probe = update_and_probe(rt, data, step, sums.loss / rt.dp, timer)
     return StepStats(step=step + 1, alpha=None, loss=loss, update=update, probe_nll=probe,
                      lr=rt.optimizer.param_groups[0]["lr"], reward_accuracy=sums.correct / max(sums.rollouts, 1),
                      tokens={"rollout": sums.rollout_tokens, "student": sums.rollout_tokens})

@@ -67,7 +67,11 @@ def build_scheduler(optimizer, train: TrainConfig, *, lr: float | None = None, i
         optimizer, init_lr=0.0 if warmup else peak, max_lr=peak, min_lr=floor,
         lr_warmup_steps=warmup, lr_decay_steps=steps, lr_decay_style="cosine",
         start_wd=train.weight_decay, end_wd=train.weight_decay, wd_incr_steps=steps,
-        wd_incr_style="constant")
+        wd_incr_style="constant",
+        # A resumed run follows the flags' schedule (a larger --train-iters extends the decay), as
+        # with megatron's --override-opt_param-scheduler; the step count still comes from the
+        # checkpoint. The trainer logs what changed (trainer.schedule_changes).
+        override_opt_param_scheduler=True, use_checkpoint_opt_param_scheduler=False)
 
 
 def zero_grads(ddp_model, optimizer) -> None:

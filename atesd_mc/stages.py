@@ -115,18 +115,31 @@ def teacher_score(rt: Runtime, examples: list, references: list[list[int]], alph
     A replica may hold none of the examples (they are a global selection): it still joins the sum."""
     if alpha is None:
         return float("nan")
-    infos = []
+    sides, ids = [], []
     if examples:
         pair = build_pair(examples, references, alpha, rt.cfg.exposure.reveal_unit, rt.device)
-        w = output_weights(rt)
-        with rt.teacher.context() as teacher_model:
-            infos = schedule.run(teacher_model, [pair.teacher], lambda h, i: (h.sum() * 0, {
-                "lp": -sft_loss(h, w.for_teacher, w.valid, pair.rollout_ids,
-                                torch.ones_like(pair.rollout_ids, dtype=h.dtype)),
-                "n": float(len(pair.rollout_ids))}), forward_only=True, lean=rt.engine.lean_forward)
-    total = global_sum(rt.info, _Mean(total=sum(float(i["lp"]) for i in infos), n=sum(i["n"] for i in infos)),
+        sides, ids = [pair.teacher], [pair.rollout_ids]
+    with rt.teacher.context() as teacher_model:
+        return -mean_target_nll(rt, teacher_model, sides, ids, output_weights(rt).for_teacher)
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class _Mean:
+    total: float
+    n: float
+
+
+def mean_target_nll(rt: Runtime, model, sides: list[SideBatch], ids: list[torch.Tensor],
+                    weight: torch.Tensor) -> float:
+    """Mean NLL per token of ids[i] at the response positions of sides[i] (forward only), over
+    every data-parallel replica; a replica with no rows still joins the sum (NaN: none anywhere)."""
+    valid = output_weights(rt).valid
+    infos = schedule.run(model, sides, lambda h, i: (h.sum() * 0, {
+        "nll": sft_loss(h, weight, valid, ids[i], torch.ones_like(ids[i], dtype=h.dtype)),
+        "n": float(len(ids[i]))}), forward_only=True, lean=rt.engine.lean_forward) if sides else []
+    total = global_sum(rt.info, _Mean(total=sum(float(i["nll"]) for i in infos), n=sum(i["n"] for i in infos)),
                        rt.device)
-    return total.total / max(total.n, 1)
+    return total.total / total.n if total.n else float("nan")
 
 
 # ------------------------------------------------------------------------------------- student
@@ -221,28 +234,15 @@ def sft_backward(ddp, optimizer, batches: list[ResponseBatch], weight: torch.Ten
     return [i["loss"] for i in infos]
 
 
-@dataclasses.dataclass(kw_only=True, slots=True)
-class _Mean:
-    total: float
-    n: float
-
-
 @torch.no_grad()
 def probe_nll(rt: Runtime, probe: list, references) -> float:
-    """The student's teacher-forced NLL per token of y* given x only, on this replica's share of
-    the fixed probe set (the controller's learning-progress signal)."""
+    """The student's teacher-forced NLL per token of y* given x only, on the fixed probe set (each
+    replica its share; the controller's learning-progress signal)."""
     mine = probe[rt.info.dp_rank::rt.dp]
-    if not mine:
-        return float("nan")
-    w = output_weights(rt)
     batches = response_batches([ex.student.tolist() for ex in mine], [references(ex) for ex in mine],
                                rt.cfg.train.micro_batch_size, 1, rt.device)
-    infos = schedule.run(rt.model, [b.side for b in batches], lambda h, i: (h.sum() * 0, {
-        "nll": sft_loss(h, w.student, w.valid, batches[i].ids, torch.ones_like(batches[i].ids, dtype=h.dtype)),
-        "n": float(len(batches[i].ids))}), forward_only=True, lean=rt.engine.lean_forward)
-    total = global_sum(rt.info, _Mean(total=sum(float(i["nll"]) for i in infos), n=sum(i["n"] for i in infos)),
-                       rt.device)
-    return total.total / max(total.n, 1)
+    return mean_target_nll(rt, rt.model, [b.side for b in batches], [b.ids for b in batches],
+                           output_weights(rt).student)
 
 
 # ------------------------------------------------------------------------------------- optimizer

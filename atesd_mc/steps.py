@@ -79,9 +79,18 @@ class StepStats:
         return {**out, **self.controller}
 
 
-def injected_loss(rt: Runtime, step: int, loss: float) -> float:
-    """Testing hook (--inject-nan-steps): behave as if this step's loss were NaN."""
-    return float("nan") if step + 1 in rt.cfg.train.inject_nan_steps else loss
+def update_and_probe(rt: Runtime, data: TrainData, step: int, loss: float,
+                     timer: Timer) -> tuple[float, Update, float]:
+    """The end every step shares: optimizer update (skipped on a non-finite loss or gradient), then
+    the probe NLL on the updated weights. Returns (loss as recorded, update, probe NLL). The loss of
+    an iteration in --inject-nan-steps is NaN (a testing hook)."""
+    if step + 1 in rt.cfg.train.inject_nan_steps:
+        loss = float("nan")
+    with timer("optimizer"):
+        update = stages.optimizer_update(rt, loss)
+    with timer("stats"):
+        probe = stages.probe_nll(rt, data.problems.probe, data.references)
+    return loss, update, probe
 
 
 def distill_step(rt: Runtime, data: TrainData, exposure, step: int, timer: Timer) -> StepStats:
@@ -107,11 +116,7 @@ def distill_step(rt: Runtime, data: TrainData, exposure, step: int, timer: Timer
         # The global batch's first 4 examples, wherever they sit (none on some replicas).
         few = [ex for ex, i in zip(examples, rows) if i < 4]
         score = stages.teacher_score(rt, few, [data.references(ex) for ex in few], alpha)
-    loss = injected_loss(rt, step, sums.loss / rt.dp)
-    with timer("optimizer"):
-        update = stages.optimizer_update(rt, loss)
-    with timer("stats"):
-        probe = stages.probe_nll(rt, data.problems.probe, data.references)
+    loss, update, probe = update_and_probe(rt, data, step, sums.loss / rt.dp, timer)
     n = max(sums.tokens_scored, 1)
     rollout = RolloutStats(mismatch=sums.kl / n, top1_disagree=sums.top1_disagree / n,
                            confidence=sums.confidence / n, rollout_len=sums.rollout_tokens / max(sums.rollouts, 1),
@@ -142,11 +147,7 @@ def sft_step(rt: Runtime, data: TrainData, step: int, timer: Timer) -> StepStats
                                      lean=rt.engine.lean_forward)
     sums = global_sum(rt.info, _SftSums(loss=sum(float(x) for x in losses),
                                         tokens=float(sum(len(b.ids) for b in batches))), rt.device)
-    loss = injected_loss(rt, step, sums.loss / rt.dp)
-    with timer("optimizer"):
-        update = stages.optimizer_update(rt, loss)
-    with timer("stats"):
-        probe = stages.probe_nll(rt, data.problems.probe, data.references)
+    loss, update, probe = update_and_probe(rt, data, step, sums.loss / rt.dp, timer)
     return StepStats(step=step + 1, alpha=None, loss=loss, update=update, probe_nll=probe,
                      lr=rt.optimizer.param_groups[0]["lr"], tokens={"student": sums.tokens})
 

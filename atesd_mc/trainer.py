@@ -70,8 +70,8 @@ def build_trainer(cfg: RunConfig) -> "Trainer":
                                       dp_rank=info.dp_rank, dp_size=info.dp, seed=cfg.train.seed,
                                       exclude=problems.train_exclude)
     data = TrainData(problems=problems, references=references, sampler=sampler)
-    changed = _schedule_follows_flags(rt.scheduler) if resume_from else []
     resumed = run_state.load(rt, sampler, exposure, resume_from) if resume_from else {}
+    changed = schedule_changes(resumed.get("scheduler"), rt.scheduler) if resumed else []
     if changed and info.rank == 0:
         lr = rt.optimizer.param_groups[0]["lr"]
         print(f"learning-rate schedule changed since the checkpoint ({'; '.join(changed)}): the flags' "
@@ -80,22 +80,19 @@ def build_trainer(cfg: RunConfig) -> "Trainer":
                    resumed_from=resume_from)
 
 
-def _schedule_follows_flags(scheduler) -> list[str]:
-    """Let a resumed run change its schedule (a larger --train-iters extends a run; --lr, --min-lr,
-    --lr-warmup-iters). megatron-core's scheduler, as built, would silently keep the checkpoint's
-    settings (an extension then trains at min_lr throughout); here the flags win, as with
-    megatron's --override-opt_param-scheduler, and the returned list (filled while the checkpoint
-    loads) names each change. The step count still comes from the checkpoint, so the LR is the
-    new schedule's value at the resumed iteration."""
-    changed: list[str] = []
+# Scheduler settings a resumed run takes from its flags (optim.build_scheduler overrides the
+# checkpoint's), with the names the log line uses.
+_SCHEDULE_FIELDS = {"max_lr": "learning rate", "min_lr": "minimum learning rate",
+                    "lr_warmup_steps": "warmup iterations", "lr_decay_steps": "total number of iterations",
+                    "lr_decay_style": "learning rate decay style"}
 
-    def check_and_set(ours, saved, name):
-        if ours != saved:
-            changed.append(f"{name} {saved} -> {ours}")
-        return ours
 
-    scheduler._check_and_set = check_and_set
-    return changed
+def schedule_changes(saved: dict | None, scheduler) -> list[str]:
+    """What the flags changed in the learning-rate schedule since the checkpoint (`saved` is the
+    scheduler's state dict stored in it), e.g. ['total number of iterations 2 -> 4']."""
+    now = scheduler.state_dict()
+    return [f"{name} {saved[key]} -> {now[key]}" for key, name in _SCHEDULE_FIELDS.items()
+            if saved and key in saved and saved[key] != now[key]]
 
 
 def _make_exposure(cfg: RunConfig):
