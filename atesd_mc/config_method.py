@@ -74,7 +74,8 @@ class ExposureConfig:
     """How much of the reference reasoning the teacher sees (the reveal ratio alpha)."""
 
     atesd_exposure: str = "adaptive"
-    """adaptive (learned Beta policy) | fixed (--reveal-ratio) | random (uniform per window)."""
+    """adaptive (learned Beta policy) | fixed (--reveal-ratio) | random (uniform per window) |
+    ramp (linear from --ramp-start at step 0 to --ramp-end at the last step)."""
     reveal_ratio: float = 1.0
     """Alpha for fixed exposure; 1.0 is OPSD."""
     reveal_unit: str = "segment"
@@ -83,13 +84,19 @@ class ExposureConfig:
     """Lower clip of the sampled alpha."""
     alpha_max: float = 1.0
     """Upper clip of the sampled alpha."""
+    ramp_start: float = 0.5
+    """Alpha of the ramp schedule at step 0."""
+    ramp_end: float = 0.8
+    """Alpha of the ramp schedule at the last step (train_iters - 1)."""
 
     def __post_init__(self) -> None:
-        require_one_of("atesd_exposure", self.atesd_exposure, ("adaptive", "fixed", "random"))
+        require_one_of("atesd_exposure", self.atesd_exposure, ("adaptive", "fixed", "random", "ramp"))
         require(0.0 <= self.reveal_ratio <= 1.0, "reveal_ratio", self.reveal_ratio, "must be in [0, 1]")
         require_one_of("reveal_unit", self.reveal_unit, ("segment", "token"))
         require(0.0 <= self.alpha_min < self.alpha_max <= 1.0, "alpha_min", self.alpha_min,
                 f"need 0 <= alpha_min < alpha_max={self.alpha_max} <= 1")
+        for name in ("ramp_start", "ramp_end"):
+            require(0.0 <= getattr(self, name) <= 1.0, name, getattr(self, name), "must be in [0, 1]")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -120,6 +127,11 @@ class ControllerConfig:
     """full (G_lp + lambda_gt z(G_gt)) | lp_only | one_step (the paper's ablations)."""
     reward_gt_norm: str = "batch"
     """Where G_gt is z-scored: batch (over the B decisions of an update) | running."""
+    advantage_baseline: str = "batch"
+    """batch (the paper): the advantage is the z-score of the rewards over the B decisions of
+    one REINFORCE update | detrended: first remove the trend over training time, a least-squares
+    line R ~ a + b t through every decision scored so far (t = its first step), then z-score the
+    residuals over the B decisions (batch z-scores until 3 decisions are scored)."""
     controller_lr: float = 1e-3
     """Adam learning rate of the policy."""
     entropy_coef: float = 0.1
@@ -144,6 +156,7 @@ class ControllerConfig:
         require_one_of("reward_signal", self.reward_signal, ("probe_nll", "distill_loss"))
         require_one_of("reward_variant", self.reward_variant, ("full", "lp_only", "one_step"))
         require_one_of("reward_gt_norm", self.reward_gt_norm, ("batch", "running"))
+        require_one_of("advantage_baseline", self.advantage_baseline, ("batch", "detrended"))
         m, c = self.controller_init_mean, self.controller_init_concentration
         require(m * c > 1 and (1 - m) * c > 1, "controller_init_concentration", c,
                 f"with controller_init_mean={m} the initial Beta needs a, b > 1")

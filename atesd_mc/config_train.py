@@ -32,6 +32,12 @@ class DataConfig:
     synthetic_eval_size: int = 200
     """Synthetic task: size of its generated held-out split (--eval-size chooses how many are
     evaluated)."""
+    synthetic_val_size: int = 0
+    """Synthetic task: size of a validation split, evaluated before and after training beside the
+    held-out (test) split; a study makes every choice on it (0 = none)."""
+    synthetic_prior_size: int = 0
+    """Synthetic task: size of a prior-skill split (known facts only, which the warm start teaches),
+    evaluated before and after training: retention (0 = none)."""
     synthetic_min_steps: int = 2
     """Synthetic task: fewest reasoning steps per problem."""
     synthetic_max_steps: int = 3
@@ -51,6 +57,8 @@ class DataConfig:
                 self.synthetic_max_steps, f"must be >= synthetic_min_steps={self.synthetic_min_steps}")
         require(self.probe_size >= 0, "probe_size", self.probe_size, "must be >= 0")
         require(self.eval_size >= 0, "eval_size", self.eval_size, "must be >= 0 (0 = all)")
+        for name in ("synthetic_val_size", "synthetic_prior_size"):
+            require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0 (0 = none)")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -107,7 +115,7 @@ class TrainConfig:
     until tools/gpu_check.sh has measured both. Megatron's schedule, DDP and optimizer run either
     way (same gradients to float rounding)."""
     eval_samples: int = 4
-    """k of the held-out Avg@k (sampled at the rollout temperature); greedy accuracy is separate."""
+    """k of the held-out Avg@k (sampled at the rollout temperature); greedy accuracy is separate; 0 = greedy only."""
     eval_max_new_tokens: int = 0
     """Held-out evaluation rollout cap; 0 = generation.max_new_tokens."""
     max_skipped_steps: int = 10
@@ -135,7 +143,7 @@ class TrainConfig:
                 self.warm_start_teacher_fraction, "must be in [0, 1]")
         require(self.eval_max_new_tokens >= 0, "eval_max_new_tokens", self.eval_max_new_tokens,
                 "must be >= 0")
-        require(self.eval_samples >= 1, "eval_samples", self.eval_samples, "must be >= 1")
+        require(self.eval_samples >= 0, "eval_samples", self.eval_samples, "must be >= 0 (0: greedy only)")
         require(self.max_skipped_steps >= 1, "max_skipped_steps", self.max_skipped_steps, "must be >= 1")
 
 

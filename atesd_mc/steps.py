@@ -169,6 +169,9 @@ def observe_controller(rt: Runtime, exposure, step: int, alpha, update: Update, 
     if out.get("updated"):
         fields["reward"] = float(out["reward_mean"])
         fields["policy_loss"] = float(out["policy_loss"])
+    if "advantages" in out:  # per decision of the update(s), for corr(advantage, decision time)
+        fields.update({k: [float(x) for x in out[k]] for k in ("rewards", "advantages")})
+        fields["decision_steps"] = [int(t) for t in out["decision_steps"]]
     return fields
 
 

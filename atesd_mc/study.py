@@ -1,29 +1,110 @@
-"""The study: every method from the same warm start, data and budget; then tables and plots.
+"""The study: every method from the same warm start, data and budget per seed; what each run says.
 
 Methods (docs/METHOD.md, Baselines): fixed alpha in {0, .25, .5, .75, 1 (= OPSD)}, uniform-random
-alpha, learned alpha (ATESD) with the paper's reward ablations (one-step, G_lp only, full), SFT on
-the references and GRPO. Each (method, seed) is one run directory with metrics.jsonl and eval.json."""
+alpha, a fixed linear ramp 0.5 -> 0.8 (the schedule the learned policy is said to drift along),
+learned alpha (ATESD) with the paper's advantage and with a detrended one, SFT on the references and
+GRPO at three learning rates. Each (method, seed) is one run directory with metrics.jsonl and
+eval.json. Choices (the best fixed alpha, GRPO's learning rate, the ATESD variant) are made on the
+validation split only (`select`); the test split gives the reported numbers (atesd_mc.study_report)."""
 from __future__ import annotations
 
 import csv
 import json
 import math
 import os
+import random
 import statistics
 
 FIXED = (0.0, 0.25, 0.5, 0.75)
+GRPO_LRS = ("1e-4", "3e-4", "1e-3")
 METHODS: dict[str, list[str]] = {
     **{f"fixed_{a:g}": ["--atesd-algorithm", "atesd", "--atesd-exposure", "fixed", "--reveal-ratio", str(a)]
        for a in FIXED},
     "opsd": ["--atesd-algorithm", "opsd"],
     "random": ["--atesd-algorithm", "atesd", "--atesd-exposure", "random"],
-    "atesd": ["--atesd-algorithm", "atesd", "--atesd-exposure", "adaptive", "--reward-variant", "full"],
+    "ramp": ["--atesd-algorithm", "atesd", "--atesd-exposure", "ramp", "--ramp-start", "0.5", "--ramp-end", "0.8"],
+    "atesd": ["--atesd-algorithm", "atesd", "--atesd-exposure", "adaptive", "--reward-variant", "full",
+              "--advantage-baseline", "batch"],
+    "atesd_detrended": ["--atesd-algorithm", "atesd", "--atesd-exposure", "adaptive", "--reward-variant", "full",
+                        "--advantage-baseline", "detrended"],
     "atesd_lp_only": ["--atesd-algorithm", "atesd", "--atesd-exposure", "adaptive", "--reward-variant", "lp_only"],
     "atesd_one_step": ["--atesd-algorithm", "atesd", "--atesd-exposure", "adaptive", "--reward-variant", "one_step"],
     "sft": ["--atesd-algorithm", "sft"],
-    "grpo": ["--atesd-algorithm", "grpo", "--rollouts-per-prompt", "4"],
+    **{f"grpo_lr{lr}": ["--atesd-algorithm", "grpo", "--rollouts-per-prompt", "4", "--lr", lr, "--min-lr", lr]
+       for lr in GRPO_LRS},
 }
+ABLATIONS = ("atesd_lp_only", "atesd_one_step")
+"""The paper's reward ablations: available with --methods, not part of the default study."""
+DEFAULT_METHODS = [m for m in METHODS if m not in ABLATIONS]
 FIXED_ALPHA = {**{f"fixed_{a:g}": a for a in FIXED}, "opsd": 1.0}
+FAMILIES = {"fixed alpha": list(FIXED_ALPHA), "GRPO": [f"grpo_lr{lr}" for lr in GRPO_LRS],
+            "ATESD": ["atesd", "atesd_detrended"]}
+"""Each family is represented by its member with the best mean validation accuracy (`select`)."""
+
+
+def parse_seeds(text: str) -> list[int]:
+    """"0-4" -> [0, 1, 2, 3, 4]; "11,12" -> [11, 12]; "0-2,7" -> [0, 1, 2, 7]. Raises ValueError."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        lo, sep, hi = part.partition("-")
+        first, last = int(lo), int(hi) if sep else int(lo)
+        if last < first:
+            raise ValueError(f"range {part!r} runs backwards")
+        seeds += [s for s in range(first, last + 1) if s not in seeds]
+    if not seeds:
+        raise ValueError(f"no seeds in {text!r}")
+    return seeds
+
+
+def _finite(vals) -> list[float]:
+    return [float(v) for v in vals if isinstance(v, (int, float)) and math.isfinite(v)]
+
+
+def _mean(vals) -> float:
+    vals = _finite(vals)
+    return statistics.fmean(vals) if vals else math.nan
+
+
+def pearson(xs, ys) -> float:
+    """Pearson correlation; nan with fewer than 3 pairs or a constant side."""
+    pairs = [(float(x), float(y)) for x, y in zip(xs, ys) if math.isfinite(x) and math.isfinite(y)]
+    if len(pairs) < 3:
+        return math.nan
+    mx, my = statistics.fmean(p[0] for p in pairs), statistics.fmean(p[1] for p in pairs)
+    sxy = sum((x - mx) * (y - my) for x, y in pairs)
+    sxx, syy = sum((x - mx) ** 2 for x, _ in pairs), sum((y - my) ** 2 for _, y in pairs)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else math.nan
+
+
+def beta_std(a: float, b: float) -> float:
+    """Standard deviation of Beta(a, b): the policy's spread."""
+    return math.sqrt(a * b / ((a + b) ** 2 * (a + b + 1)))
+
+
+def _controller_summary(recs: list[dict]) -> dict:
+    """Decisions, updates, how much the advantage says *when* a decision was made, and the policy's
+    mean and spread at start and end. corr(advantage, t) is taken inside each update and averaged
+    (pooled over a run it is ~0 by construction: every update's advantages are centred);
+    corr(reward, t) is pooled over the run: the trend the batch z-score turns into advantage."""
+    steps, rewards, within, updates = [], [], [], 0
+    for r in recs:
+        if r.get("advantages"):
+            updates += 1
+            t = r.get("decision_steps") or [math.nan] * len(r["advantages"])
+            steps += t
+            rewards += r.get("rewards") or [math.nan] * len(r["advantages"])
+            within.append(pearson(t, r["advantages"]))
+    pol = [r for r in recs if isinstance(r.get("beta_a"), (int, float))]
+    out = {"updates": updates, "scored_decisions": len(steps), "adv_time_corr": _mean(within),
+           "reward_time_corr": pearson(steps, rewards), "reward_mean": _mean(rewards),
+           "reward_std": statistics.pstdev(_finite(rewards)) if len(_finite(rewards)) > 1 else math.nan}
+    for when, r in (("start", pol[0] if pol else None), ("end", pol[-1] if pol else None)):
+        out[f"policy_mean_{when}"] = r["beta_a"] / (r["beta_a"] + r["beta_b"]) if r else math.nan
+        out[f"policy_std_{when}"] = beta_std(r["beta_a"], r["beta_b"]) if r else math.nan
+    return out
 
 
 def read_run(run_dir: str) -> dict | None:
@@ -33,118 +114,71 @@ def read_run(run_dir: str) -> dict | None:
     ev_path = os.path.join(run_dir, "eval.json")
     if not os.path.exists(ev_path):
         return None
-    ev = json.load(open(ev_path))
+    with open(ev_path) as f:
+        ev = json.load(f)
     recs = read_metrics(run_dir)
-
-    def mean_of(key, rs=recs):
-        vals = [r[key] for r in rs if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
-        return statistics.fmean(vals) if vals else float("nan")
-
-    rewards = [r["reward"] for r in recs if isinstance(r.get("reward"), (int, float))]
     alphas = [r["alpha"] for r in recs if r.get("alpha") is not None]
-    tail = recs[-max(1, len(recs) // 5):]
-    return {"before": ev["before"]["accuracy"], "after": ev["after"]["accuracy"],
-            "before_avgk": ev.get("before_sampled", {}).get("accuracy", float("nan")),
-            "after_avgk": ev.get("after_sampled", {}).get("accuracy", float("nan")),
-            "k": ev.get("after_sampled", {}).get("k", 1), "steps": len(recs),
-            "mismatch": mean_of("mismatch"), "top1": mean_of("top1_disagree"),
-            "alpha_first": statistics.fmean(alphas[: max(1, len(alphas) // 5)]) if alphas else float("nan"),
-            "alpha_last": statistics.fmean(alphas[-max(1, len(alphas) // 5):]) if alphas else float("nan"),
-            "policy_mean_last": mean_of("policy_mean", tail),
-            "reward_mean": statistics.fmean(rewards) if rewards else float("nan"),
-            "reward_std": statistics.pstdev(rewards) if len(rewards) > 1 else float("nan"),
-            "updates": len(rewards), "seconds": ev.get("train_seconds", float("nan")),
-            "alphas": alphas}
+    fifth = max(1, len(alphas) // 5)
+
+    def split(when, name):
+        return ev.get(f"{when}_splits", {}).get(name, {}).get("accuracy", math.nan)
+
+    return {"before": ev["before"]["accuracy"], "after": ev["after"]["accuracy"], "n_test": ev["after"]["n"],
+            "val_before": split("before", "val"), "val_after": split("after", "val"),
+            "prior_before": split("before", "prior"), "retention": split("after", "prior"),
+            "steps": len(recs), "mismatch": _mean(r.get("mismatch") for r in recs),
+            "top1": _mean(r.get("top1_disagree") for r in recs),
+            "alpha_first": statistics.fmean(alphas[:fifth]) if alphas else math.nan,
+            "alpha_last": statistics.fmean(alphas[-fifth:]) if alphas else math.nan,
+            **_controller_summary(recs), "seconds": ev.get("train_seconds", math.nan), "alphas": alphas}
+
+
+def bootstrap_ci(values: list[float], n_boot: int = 10000, seed: int = 0, level: float = 0.95
+                 ) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean (resampling the values, e.g. one per seed)."""
+    vals = _finite(values)
+    if not vals:
+        return math.nan, math.nan
+    rng = random.Random(seed)
+    means = sorted(statistics.fmean(rng.choices(vals, k=len(vals))) for _ in range(n_boot))
+    lo = means[int(math.floor((1 - level) / 2 * n_boot))]
+    hi = means[min(n_boot - 1, int(math.ceil((1 + level) / 2 * n_boot)) - 1)]
+    return lo, hi
+
+
+def select(rows: list[dict]) -> dict[str, str]:
+    """Per family, the member with the highest mean validation accuracy over seeds (ties: the
+    first listed). Families without a finished member are left out. Never reads the test split."""
+    chosen = {}
+    for family, members in FAMILIES.items():
+        scored = [(_mean(r["val_after"] for r in rows if r["method"] == m), -i, m) for i, m in enumerate(members)
+                  if any(r["method"] == m for r in rows)]
+        scored = [s for s in scored if math.isfinite(s[0])]
+        if scored:
+            chosen[family] = max(scored)[2]
+    return chosen
+
+
+def paired(rows: list[dict], a: str, b: str, key: str = "after") -> dict:
+    """Per-seed differences a - b on `key` (seeds where both finished), their mean and bootstrap CI."""
+    by = {(r["method"], r["seed"]): r[key] for r in rows}
+    seeds = sorted(s for (m, s) in by if m == a and (b, s) in by)
+    diffs = [by[(a, s)] - by[(b, s)] for s in seeds]
+    lo, hi = bootstrap_ci(diffs)
+    return {"a": a, "b": b, "key": key, "seeds": seeds, "diffs": diffs, "mean": _mean(diffs), "lo": lo, "hi": hi}
+
+
+CSV_KEYS = ("method", "seed", "before", "after", "retention", "prior_before", "val_before", "val_after",
+            "n_test", "steps", "mismatch", "top1", "alpha_first", "alpha_last", "updates", "scored_decisions",
+            "adv_time_corr", "reward_time_corr", "reward_mean", "reward_std", "policy_mean_start",
+            "policy_std_start", "policy_mean_end", "policy_std_end", "seconds")
 
 
 def write_csv(rows: list[dict], path: str) -> None:
-    keys = [k for k in rows[0] if k != "alphas"]
+    """One row per method x seed (written whole, then renamed)."""
     tmp = path + ".tmp"
     with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=CSV_KEYS, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
     os.replace(tmp, path)
-
-
-def _ms(vals: list[float]) -> str:
-    vals = [v for v in vals if math.isfinite(v)]
-    if not vals:
-        return "n/a"
-    sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-    return f"{100 * statistics.fmean(vals):.1f} ± {100 * sd:.1f}"
-
-
-def results_markdown(rows: list[dict], command: str, elapsed_s: float, notes: str = "") -> str:
-    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
-    seeds = sorted({r["seed"] for r in rows})
-    out = ["# Study results", "", f"Command: `{command}`", "",
-           f"Seeds: {seeds}; wall time {elapsed_s / 60:.1f} min on this machine. Accuracy in % (mean ± std "
-           "over seeds) on the held-out split; 'before' is the shared warm start.", "",
-           "| method | greedy after | Avg@k after | greedy before | mean mismatch (KL) | top-1 disagree |",
-           "|---|---|---|---|---|---|"]
-    for m in methods:
-        rs = [r for r in rows if r["method"] == m]
-        out.append(f"| {m} | {_ms([r['after'] for r in rs])} | {_ms([r['after_avgk'] for r in rs])} | "
-                   f"{_ms([r['before'] for r in rs])} | {statistics.fmean([r['mismatch'] for r in rs]):.4f} | "
-                   f"{statistics.fmean([r['top1'] for r in rs]):.4f} |")
-    out += ["", "## Mismatch vs alpha (fixed-alpha runs, mean over all steps and seeds)", "",
-            "| alpha | mean per-token KL | top-1 disagreement |", "|---|---|---|"]
-    for m, a in sorted(FIXED_ALPHA.items(), key=lambda x: x[1]):
-        rs = [r for r in rows if r["method"] == m]
-        if rs:
-            out.append(f"| {a:g} | {statistics.fmean([r['mismatch'] for r in rs]):.4f} | "
-                       f"{statistics.fmean([r['top1'] for r in rs]):.4f} |")
-    out += ["", "## Learned alpha (ATESD runs)", "",
-            "| run | alpha first 20% | alpha last 20% | policy mean (end) | REINFORCE updates | update reward mean | update reward std |",
-            "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if r["method"].startswith("atesd"):
-            out.append(f"| {r['method']} s{r['seed']} | {r['alpha_first']:.3f} | {r['alpha_last']:.3f} | "
-                       f"{r['policy_mean_last']:.3f} | {r['updates']} | {r['reward_mean']:.4g} | {r['reward_std']:.4g} |")
-    if notes:
-        out += ["", notes]
-    return "\n".join(out) + "\n"
-
-
-def plots(rows: list[dict], out_dir: str) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
-    fig, ax = plt.subplots(figsize=(11, 4))
-    means = [statistics.fmean([r["after"] for r in rows if r["method"] == m]) for m in methods]
-    sds = [statistics.stdev(v) if len(v := [r["after"] for r in rows if r["method"] == m]) > 1 else 0 for m in methods]
-    ax.bar(methods, means, yerr=sds, capsize=3)
-    base = statistics.fmean([r["before"] for r in rows])
-    ax.axhline(base, color="gray", ls="--", label="warm start")
-    ax.set(ylabel="held-out accuracy (greedy)", title="accuracy per method (mean ± std over seeds)")
-    ax.legend()
-    plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
-    fig.tight_layout()
-    paths.append(os.path.join(out_dir, "accuracy.png"))
-    fig.savefig(paths[-1], dpi=100)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    pts = sorted((FIXED_ALPHA[r["method"]], r["mismatch"], r["top1"]) for r in rows if r["method"] in FIXED_ALPHA)
-    if pts:
-        axes[0].plot([p[0] for p in pts], [p[1] for p in pts], "o")
-        axes[1].plot([p[0] for p in pts], [p[2] for p in pts], "o")
-    axes[0].set(xlabel="alpha", ylabel="mean per-token KL", title="mismatch vs alpha")
-    axes[1].set(xlabel="alpha", ylabel="top-1 disagreement", title="top-1 disagreement vs alpha")
-    fig.tight_layout()
-    paths.append(os.path.join(out_dir, "mismatch_vs_alpha.png"))
-    fig.savefig(paths[-1], dpi=100)
-    fig, ax = plt.subplots(figsize=(8, 4))
-    for r in rows:
-        if r["method"] == "atesd":
-            ax.plot(range(1, len(r["alphas"]) + 1), r["alphas"], label=f"seed {r['seed']}")
-    ax.set(xlabel="step", ylabel="alpha", ylim=(0, 1), title="ATESD alpha trajectories")
-    ax.legend()
-    fig.tight_layout()
-    paths.append(os.path.join(out_dir, "alpha_trajectories.png"))
-    fig.savefig(paths[-1], dpi=100)
-    plt.close("all")
-    return paths

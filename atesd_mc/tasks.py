@@ -29,7 +29,10 @@ class Problems:
     probe: list
     """Examples for the probe NLL."""
     eval: Sequence
-    """Held-out examples for accuracy (may be empty)."""
+    """Held-out examples for accuracy (may be empty): the test split."""
+    extra_eval: dict[str, list] = dataclasses.field(default_factory=dict)
+    """Further held-out splits evaluated before and after training, by name (synthetic task:
+    "val" and "prior" when their sizes are set)."""
 
 
 def synthetic_task_config(cfg: RunConfig):
@@ -38,6 +41,7 @@ def synthetic_task_config(cfg: RunConfig):
     d = cfg.data
     return SyntheticTaskConfig(seed=cfg.train.seed, train_size=d.synthetic_train_size,
                                probe_size=d.probe_size, eval_size=d.synthetic_eval_size,
+                               val_size=d.synthetic_val_size, prior_size=d.synthetic_prior_size,
                                min_steps=d.synthetic_min_steps, max_steps=d.synthetic_max_steps)
 
 
@@ -82,7 +86,9 @@ def _build_synthetic_files(cfg: RunConfig, task_cfg, root: str, done: str) -> No
                         phrases=TEMPLATE_PHRASES)
     tok = SentencePieceTokenizer(model_path)
     splits = make_splits(task_cfg)
-    for name in ("train", "probe", "eval"):
+    for name in ("train", "probe", "eval", "val", "prior"):
+        if name in ("val", "prior") and not splits[name]:
+            continue
         write_store(os.path.join(root, name), splits[name], tok, overwrite=True,
                     source={"synthetic": dataclasses.asdict(task_cfg)}, enable_thinking=False)
     with open(done, "w") as f:
@@ -115,7 +121,9 @@ def load_problems(cfg: RunConfig) -> Problems:
         held = ProblemStore(os.path.join(root, "eval"), tok)
         return Problems(tokenizer=tok, train=train, train_exclude=[],
                         probe=[probe[i] for i in range(len(probe))],
-                        eval=_held_out(held, d.eval_size))
+                        eval=_held_out(held, d.eval_size),
+                        extra_eval={name: _held_out(ProblemStore(os.path.join(root, name), tok), 0)
+                                    for name in ("val", "prior") if os.path.isdir(os.path.join(root, name))})
     if not d.tokenizer:
         raise ConfigError(f"data_path={d.data_path!r} needs --tokenizer (the one the store was made with; an "
                           "import-hf checkpoint folder holds a copy)")

@@ -46,7 +46,10 @@ def cache_path(w: WarmStartInputs) -> str:
     key = json.dumps({"model": model, "vocab": w.vocab, "tokenizer": w.problems.tokenizer.identity(),
                       "data": [cfg.data.data_path, len(w.problems.train)],
                       "synthetic": [cfg.data.synthetic_train_size, cfg.data.synthetic_min_steps,
-                                    cfg.data.synthetic_max_steps, cfg.data.probe_size],
+                                    cfg.data.synthetic_max_steps, cfg.data.probe_size,
+                                    # the held-out splits are drawn first: their sizes shape the train split
+                                    cfg.data.synthetic_eval_size, cfg.data.synthetic_val_size,
+                                    cfg.data.synthetic_prior_size],
                       "iters": cfg.train.warm_start_iters, "lr": cfg.train.warm_start_lr,
                       "batch": cfg.train.warm_start_batch_size, "recipe": 4,  # 4: one global stream sliced per rank (layout-invariant)
                       # What was asked, not what this layout runs: the cache serves every TP/PP layout.

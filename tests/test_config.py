@@ -229,8 +229,15 @@ def test_base_errors_name_the_file_that_set_the_value(tmp_path):
         parse_config(["--config", p["child3"]])
 
 
-def test_study_config_is_the_tiny_default_plus_its_name():
+def test_study_config_is_the_tiny_default_plus_its_overrides():
+    """The study's test bed differs from the embedded default only where its yaml says so."""
     tiny = parse_config(["--config", os.path.join(ROOT, "examples", "tiny_arith.yaml")])
     study = parse_config(["--config", os.path.join(ROOT, "examples", "study_arith.yaml")])
+    diff = {(section.name, f.name) for section in dataclasses.fields(tiny)
+            if dataclasses.is_dataclass(getattr(tiny, section.name))
+            for f in dataclasses.fields(getattr(tiny, section.name))
+            if getattr(getattr(tiny, section.name), f.name) != getattr(getattr(study, section.name), f.name)}
     assert study.name == "study_arith"
-    assert dataclasses.replace(study, name=tiny.name) == tiny
+    assert diff == {("data", "synthetic_eval_size"), ("data", "synthetic_val_size"), ("data", "synthetic_prior_size"),
+                    ("train", "warm_start_iters"), ("train", "train_iters"), ("train", "eval_samples"),
+                    ("train", "lr"), ("train", "min_lr"), ("controller", "hold_steps")}

@@ -61,7 +61,7 @@ def test_deterministic_by_seed_and_seed_matters():
 
 def test_split_sizes_and_disjointness():
     sp = make_splits(SMALL)
-    assert set(sp) == {"train", "probe", "eval"}
+    assert set(sp) == {"train", "probe", "eval", "val", "prior"} and sp["val"] == sp["prior"] == []
     assert (len(sp["train"]), len(sp["probe"]), len(sp["eval"])) == (3000, 32, 100)
     sets = {name: {frozenset(parse_problem(r["problem"])) for r in rows}
             for name, rows in sp.items()}
@@ -170,3 +170,24 @@ def test_config_validation():
         SyntheticTaskConfig(lookup_order="sorted")
     with pytest.raises(ValueError):
         SyntheticTaskConfig(novel_fraction=1.0)
+
+
+def test_validation_and_prior_skill_splits():
+    """val and prior are disjoint from every other split (no key set shared with train either),
+    prior holds known keys only, and adding them leaves the test and probe splits as they were."""
+    base = SyntheticTaskConfig(seed=5, train_size=3000, probe_size=16, eval_size=300)
+    cfg = SyntheticTaskConfig(seed=5, train_size=3000, probe_size=16, eval_size=300, val_size=200, prior_size=100)
+    plain, s = make_splits(base), make_splits(cfg)
+    assert plain["val"] == [] and plain["prior"] == []
+    assert s["eval"] == plain["eval"] and s["probe"] == plain["probe"]
+    assert len(s["val"]) == 200 and len(s["prior"]) == 100
+    keysets = {name: {frozenset(parse_problem(r["problem"])) for r in s[name]} for name in s}
+    for a in ("eval", "probe", "val", "prior"):
+        assert not keysets[a] & keysets["train"], a
+        for b in ("eval", "probe", "val", "prior"):
+            assert a == b or not keysets[a] & keysets[b], (a, b)
+    novel = novel_keys(cfg)
+    assert all(not set(parse_problem(r["problem"])) & novel for r in s["prior"])
+    assert any(set(parse_problem(r["problem"])) & novel for r in s["val"])
+    table = hidden_table(cfg)
+    assert all(int(r["answer"]) == solve(r["problem"], table) for r in s["val"] + s["prior"])

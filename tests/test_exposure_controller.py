@@ -7,6 +7,7 @@ import torch
 
 from atesd_mc.config import ControllerConfig, ExposureConfig
 from atesd_mc.exposure import AdaptiveController
+from atesd_mc.exposure.reward import advantages
 
 
 def _controller(seed=0, total=100, variant=None, exposure=None, **cfg):
@@ -201,3 +202,120 @@ def test_entropy_target_default_is_beta_2_2():
                                         torch.tensor(2.0, dtype=torch.float64)).entropy().item()
     assert _controller().entropy_target == pytest.approx(expected, abs=1e-14)
     assert _controller(entropy_target=-1.0).entropy_target == -1.0
+
+
+def _falling_loss_run(baseline, updates=10, seed=0):
+    """lp_only controller on a probe NLL whose per-update drop shrinks linearly with time
+    (l_t = 10 - 0.02 t + 4e-5 t^2) plus small noise: a decision's learning progress mostly
+    says *when* it was made. Returns the (decision step, advantage) of every update."""
+    c = _controller(seed=seed, total=200, variant="lp_only", hold_steps=3, lookahead_steps=4,
+                    decisions_per_update=4, advantage_baseline=baseline)
+    noise = torch.Generator().manual_seed(seed + 1)
+    steps, adv, t = [], [], -1
+    c.observe(-1, probe_nll=10.0)
+    while c.counters["updates"] < updates:
+        t += 1
+        c.alpha_for_step(t)
+        eps = 5e-4 * torch.randn((), generator=noise, dtype=torch.float64).item()
+        info = c.observe(t, loss=1.0, mismatch=0.1, confidence=0.5,
+                         probe_nll=10.0 - 0.02 * (t + 1) + 4e-5 * (t + 1) ** 2 + eps)
+        if "advantages" in info:
+            assert len(info["decision_steps"]) == len(info["advantages"]) == 4
+            assert info["decision_steps"] == sorted(info["decision_steps"])
+            steps += info["decision_steps"]
+            adv += info["advantages"]
+    return steps, adv
+
+
+def _within_update_corr(steps, adv, b=4):
+    """Mean over updates of corr(advantage, decision step) inside the update: the pooled
+    correlation over a run says little, as every update's advantages have mean 0."""
+    x = torch.tensor(steps, dtype=torch.float64).view(-1, b)
+    y = torch.tensor(adv, dtype=torch.float64).view(-1, b)
+    return torch.stack([torch.corrcoef(torch.stack([u, v]))[0, 1] for u, v in zip(x, y)]).mean().item()
+
+
+def test_detrended_advantage_is_less_correlated_with_decision_time():
+    steps_b, adv_b = _falling_loss_run("batch")
+    steps_d, adv_d = _falling_loss_run("detrended")
+    assert steps_b == steps_d and len(steps_b) == 40  # same decisions, 10 updates of B = 4
+    assert steps_b[:4] == [0, 3, 6, 9]  # decision_steps are the decisions' first steps
+    corr_b, corr_d = _within_update_corr(steps_b, adv_b), _within_update_corr(steps_d, adv_d)
+    assert corr_b < -0.5  # batch z-scores rank decisions by how early they were made
+    assert abs(corr_d) < 0.5 * abs(corr_b)
+
+
+def test_batch_baseline_is_the_default_and_unchanged():
+    assert _controller().baseline == "batch" and ControllerConfig().advantage_baseline == "batch"
+    with pytest.raises(ValueError, match="advantage_baseline"):
+        ControllerConfig(advantage_baseline="progress")
+    # batch advantages are exactly the z-scores of the rewards of their update
+    _, infos = _drive(_controller(**RT_CFG), 20)
+    ups = [i for i in infos if "advantages" in i]
+    assert ups and all(i["advantages"] == advantages(i["rewards"]) for i in ups)
+
+
+def test_state_dict_round_trip_keeps_the_reward_history():
+    cfg = dict(RT_CFG, advantage_baseline="detrended")
+    ref = _controller(seed=3, total=40, **cfg)
+    _, ref_infos = _drive(ref, 40)
+    first = _controller(seed=3, total=40, **cfg)
+    _, infos = _drive(first, 20)
+    sd = first.state_dict()
+    assert len(sd["history"]["t0"]) == len(sd["history"]["reward"]) >= 6
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    resumed = _controller(seed=99, total=40, **cfg)
+    resumed.load_state_dict(torch.load(buf, weights_only=True))
+    assert resumed.history == first.history
+    _, more = _drive(resumed, 20, start=20)
+    adv = lambda xs: [i["advantages"] for i in xs if "advantages" in i]  # noqa: E731
+    assert adv(infos + more) == adv(ref_infos) and resumed.history == ref.history
+    # a state saved before the history existed loads with an empty one
+    old = first.state_dict()
+    del old["history"]
+    fresh = _controller(seed=3, total=40, **cfg)
+    fresh.load_state_dict(old)
+    assert fresh.history == {"t0": [], "reward": []}
+
+
+def test_update_fields_reach_the_step_record():
+    """steps.observe_controller -> StepStats.record (the metrics.jsonl line): every REINFORCE
+    update's rewards, advantages and decision steps are in it, as JSON."""
+    import json
+    import types
+
+    from atesd_mc.stages import Update
+    from atesd_mc.steps import RolloutStats, StepStats, observe_controller
+
+    rt = types.SimpleNamespace(cfg=types.SimpleNamespace(controller=ControllerConfig(**RT_CFG)))
+    c = _controller(**RT_CFG, advantage_baseline="detrended")
+    records = []
+    for t in range(12):
+        a = c.alpha_for_step(t)
+        rollout = RolloutStats(mismatch=0.1, top1_disagree=0.1, confidence=0.5, rollout_len=9.0,
+                               eos_rate=1.0)
+        fields = observe_controller(rt, c, t, a, Update(applied=True, grad_norm=1.0), 1.0,
+                                    rollout, 3.0 - 0.1 * t + 0.01 * (t % 3), -1.0 + 0.01 * t)
+        stats = StepStats(step=t + 1, alpha=a, loss=1.0, tokens={}, probe_nll=0.0, lr=1e-3,
+                          update=Update(applied=True, grad_norm=1.0), controller=fields)
+        records.append(json.loads(json.dumps(stats.record(0))))
+    ups = [r for r in records if "advantages" in r]
+    assert len(ups) == c.counters["updates"] >= 2
+    for r in ups:
+        assert len(r["rewards"]) == len(r["advantages"]) == len(r["decision_steps"]) == 2
+        assert r["reward"] == pytest.approx(sum(r["rewards"]) / 2)
+    assert [s for r in ups for s in r["decision_steps"]] == c.history["t0"]
+
+
+def test_two_updates_in_one_observe_log_every_decision():
+    # a skipped (unobserved) step 2 lets decisions 0 and 1 complete together at step 3
+    c = _controller(hold_steps=1, lookahead_steps=3, decisions_per_update=1)
+    c.observe(-1, probe_nll=5.0)
+    for t in range(4):
+        c.alpha_for_step(t)
+        if t != 2:
+            info = c.observe(t, probe_nll=4.0 - 0.5 * t)
+    assert c.counters["updates"] == 2
+    assert info["decision_steps"] == [0, 1] and len(info["rewards"]) == len(info["advantages"]) == 2

@@ -1,11 +1,12 @@
 """Rewards on hand-computed sequences (L = 3, gamma = 0.5)."""
 import math
 
+import numpy as np
 import pytest
 
 from atesd_mc.exposure.reward import (SignalSeries, advantages, batch_zscore, combine_rewards,
-                                      decision_components, grounded_return, one_step_return,
-                                      progress_return)
+                                      decision_components, detrend, fit_trend, grounded_return,
+                                      one_step_return, progress_return)
 
 LOSSES = [2.0, 1.5, 1.7, 1.0]   # l_t0 .. l_t0+3
 SCORES = [-1.0, -0.5, -0.2]     # g_t0+1 .. g_t0+3
@@ -72,3 +73,26 @@ def test_signal_series_window_and_prune():
     assert s.start == 3 and s.window(3, 3) == ([1.0], [-0.5])
     with pytest.raises(ValueError):
         s.set(1, 0.0, 0.0)
+
+
+def test_detrend_matches_float64_least_squares_and_removes_the_trend():
+    # planted line R = 0.8 - 0.004 t plus noise; t are decision steps (every 5th update)
+    rng = np.random.default_rng(0)
+    t = np.arange(0, 400, 5, dtype=np.float64)
+    r = 0.8 - 0.004 * t + rng.normal(0.0, 0.05, t.size)
+    b_ref, a_ref = np.polyfit(t, r, 1)  # float64 least squares
+    a, b = fit_trend(t.tolist(), r.tolist())
+    assert a == pytest.approx(a_ref, rel=1e-10) and b == pytest.approx(b_ref, rel=1e-10)
+    assert b == pytest.approx(-0.004, abs=5e-4)  # the planted slope is recovered
+    res = np.array(detrend(t.tolist(), r.tolist(), t.tolist(), r.tolist()))
+    np.testing.assert_allclose(res, r - (a_ref + b_ref * t), rtol=0, atol=1e-12)
+    assert abs(np.corrcoef(res, t)[0, 1]) < 1e-10 and abs(np.corrcoef(r, t)[0, 1]) > 0.9
+    # a batch is scored against the line of the whole history
+    tail = detrend(t[-4:].tolist(), r[-4:].tolist(), t.tolist(), r.tolist())
+    np.testing.assert_allclose(tail, res[-4:], rtol=0, atol=1e-12)
+
+
+def test_fit_trend_degenerate_cases():
+    assert fit_trend([5, 5, 5], [1.0, 2.0, 6.0]) == (3.0, 0.0)  # no spread in t: the mean
+    assert fit_trend([0, 1, 2], [math.nan, 1.0, 3.0]) == (pytest.approx(-1.0), pytest.approx(2.0))
+    assert fit_trend([], []) == (0.0, 0.0)

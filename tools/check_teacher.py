@@ -11,6 +11,7 @@ on the first n held-out problems measures:
    values in the student format) the probability the teacher and the student give the true value.
 Prints a markdown table. One process (world 1, gloo)."""
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -50,8 +51,9 @@ def _novel_value_positions(cfg, tok, rollouts):
     return out
 
 
-def measure(trainer, n: int) -> list[dict]:
-    """The table's rows for the first n held-out problems of a built trainer (no training)."""
+def measure(trainer, n: int, split: str = "test") -> list[dict]:
+    """The table's rows for the first n problems of a held-out split ("test", or a further split of
+    the synthetic task such as "val") of a built trainer (no training)."""
     import torch
 
     from atesd_mc import stages
@@ -60,7 +62,10 @@ def measure(trainer, n: int) -> list[dict]:
 
     rt, problems = trainer.rt, trainer.data.problems
     tok = problems.tokenizer
-    held = list(problems.eval)[:n]
+    if split != "test" and split not in problems.extra_eval:
+        raise SystemExit(f"error: --split {split}: the run has no such held-out split (has: test"
+                         f"{''.join(', ' + k for k in problems.extra_eval)})")
+    held = list(problems.eval if split == "test" else problems.extra_eval[split])[:n]
     greedy = stages.sampling(rt, greedy=True)
 
     def accuracy(model, prompts):  # greedy: no randomness, no keys
@@ -101,6 +106,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
     p.add_argument("--n", type=int, default=100, help="held-out problems")
+    p.add_argument("--split", default="test", help="held-out split: test, or val/prior when the run has them")
+    p.add_argument("--json", default="", help="also write the rows to this file (written whole, then renamed)")
     p.add_argument("extra", nargs="*", help="run flags (after --), e.g. --seed 1")
     args = p.parse_args(argv)
     from atesd_mc.config_io import parse_config
@@ -108,8 +115,12 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = parse_config(["--config", args.config, "--save", tmp, "--no-progress-bar", *args.extra])
-        rows = measure(build_trainer(cfg), args.n)
-    print(f"| (n = {args.n} held-out problems) | greedy accuracy | KL(T||S) per rollout token "
+        rows = measure(build_trainer(cfg), args.n, args.split)
+    if args.json:
+        with open(args.json + ".tmp", "w") as f:
+            json.dump({"n": args.n, "split": args.split, "flags": args.extra, "rows": rows}, f, indent=2)
+        os.replace(args.json + ".tmp", args.json)
+    print(f"| (n = {args.n} {args.split} problems) | greedy accuracy | KL(T||S) per rollout token "
           "| p(true novel value): teacher | student |")
     print("|---|---|---|---|---|")
     for r in rows:

@@ -171,7 +171,7 @@ def compare_checkpoints(a_dir: str, b_dir: str, scratch: str) -> dict:
 
 
 def compare_eval(a_dir: str, b_dir: str) -> list[str]:
-    keys = ("before", "before_sampled", "after", "after_sampled")
+    keys = ("before", "before_sampled", "before_splits", "after", "after_sampled", "after_splits")
     try:
         a = json.load(open(os.path.join(a_dir, "eval.json")))
         b = json.load(open(os.path.join(b_dir, "eval.json")))

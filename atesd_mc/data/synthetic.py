@@ -71,7 +71,14 @@ class SyntheticTaskConfig:
     probe_size: int = 64
     """Probe problems (controller's probe NLL): same distribution as train, disjoint from it."""
     eval_size: int = 200
-    """Held-out evaluation problems (distinct key sets, none shared with train or probe)."""
+    """Held-out evaluation problems (distinct key sets, none shared with train or probe): the test split."""
+    val_size: int = 0
+    """Validation problems (distinct key sets, disjoint from every other split): where a study makes its
+    choices (best fixed alpha, learning rates), so the test split is read only for the final numbers."""
+    prior_size: int = 0
+    """Prior-skill problems: only *known* keys (facts the warm start teaches), distinct key sets disjoint
+    from every other split. The warm-started student already solves most of them, so accuracy on them
+    after training measures retention (forgetting), beside accuracy on the novel facts."""
     min_steps: int = 2
     """Fewest terms per problem (a problem with n terms has 2n solution lines); >= 2."""
     max_steps: int = 3
@@ -123,7 +130,7 @@ class SyntheticTaskConfig:
         for name in ("warm_teacher_fraction", "warm_reorder_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1]")
-        for name in ("train_size", "probe_size", "eval_size"):
+        for name in ("train_size", "probe_size", "eval_size", "val_size", "prior_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
 
@@ -199,26 +206,30 @@ def _example(keys: list[int], rng: random.Random, table: dict[int, int],
 
 
 def make_splits(cfg: SyntheticTaskConfig) -> dict[str, list[dict]]:
-    """{"train", "probe", "eval"}: lists of {"problem", "solution", "answer"}.
+    """{"train", "probe", "eval", "val", "prior"}: lists of {"problem", "solution", "answer"}.
 
-    Eval and probe problems have distinct key sets; train never uses a key set of either (so no
-    problem text, nor any reordering of one, is shared); train may repeat a problem (each copy
-    with its own lookup order)."""
+    Eval, probe, val and prior problems have distinct key sets (prior: known keys only); train never
+    uses a key set of any of them (so no problem text, nor any reordering of one, is shared); train
+    may repeat a problem (each copy with its own lookup order). Val and prior are drawn after probe
+    and consume nothing when their size is 0, so a task without them draws the same splits as before."""
     table = hidden_table(cfg)
     rng = _rng(cfg, "splits")
     used: set[frozenset[int]] = set()
     out: dict[str, list[dict]] = {}
+    known = sorted(set(range(cfg.num_keys)) - novel_keys(cfg))
 
-    def draw() -> list[int]:
-        n = rng.randint(cfg.min_steps, cfg.max_steps)
-        return rng.sample(range(cfg.num_keys), n)
+    def draw(pool=range(cfg.num_keys)) -> list[int]:
+        n = rng.randint(cfg.min_steps, min(cfg.max_steps, len(pool)))
+        return rng.sample(pool, n)
 
-    for name, size in (("eval", cfg.eval_size), ("probe", cfg.probe_size)):
+    for name, size, pool in (("eval", cfg.eval_size, range(cfg.num_keys)),
+                             ("probe", cfg.probe_size, range(cfg.num_keys)),
+                             ("val", cfg.val_size, range(cfg.num_keys)), ("prior", cfg.prior_size, known)):
         rows = []
-        for _ in range(100 * size + 1000):
+        for _ in range(100 * size + 1000 if size else 0):
             if len(rows) == size:
                 break
-            keys = draw()
+            keys = draw(pool)
             if frozenset(keys) in used:
                 continue
             used.add(frozenset(keys))
@@ -232,10 +243,10 @@ def make_splits(cfg: SyntheticTaskConfig) -> dict[str, list[dict]]:
         if frozenset(keys) not in used:
             train.append(_example(keys, rng, table, cfg))
     out["train"] = train
-    held = {r["problem"] for r in out["eval"]} | {r["problem"] for r in out["probe"]}
-    assert not held & {r["problem"] for r in train}, "train overlaps eval/probe"
-    assert not {r["problem"] for r in out["eval"]} & {r["problem"] for r in out["probe"]}
-    return {"train": out["train"], "probe": out["probe"], "eval": out["eval"]}
+    held = [{r["problem"] for r in out[name]} for name in ("eval", "probe", "val", "prior")]
+    assert not set().union(*held) & {r["problem"] for r in train}, "train overlaps a held-out split"
+    assert sum(map(len, held)) == len(set().union(*held)), "two held-out splits share a problem"
+    return {name: out[name] for name in ("train", "probe", "eval", "val", "prior")}
 
 
 def num_terms(example: dict) -> int:
@@ -319,7 +330,7 @@ def corpus(cfg: SyntheticTaskConfig) -> Iterator[str]:
         yield f"Problem: \n\n{BOXED_INSTRUCTION}"
         yield f"{REFERENCE_INTRO}\n"
         yield f"{TRANSITION}\nFinal answer: \\boxed{{}}\n"
-    for name in ("train", "probe", "eval"):
+    for name in ("train", "probe", "eval", "val", "prior"):
         for r in splits[name]:
             yield r["problem"]
             yield r["solution"]

@@ -5,7 +5,9 @@ policy at the current state s (features.py) and holds alpha = clip(alpha_raw) fo
 After each student update the trainer calls observe(step, ...); once the signal L updates after
 t0 is known (reward.py has the index convention) the decision is scored and queued; every B
 queued decisions give one REINFORCE step:
-  A_j = (R_j - mean R) / (std R + eps)
+  A_j = (R_j - mean R) / (std R + eps)              advantage_baseline = batch (the paper)
+  A_j = z-score over the batch of R_j - (a + b t0_j)  advantage_baseline = detrended, with
+        a + b t the least-squares line through every decision scored so far (>= 3 of them)
   L   = -mean_j A_j log pi(alpha_raw_j | s_j) + c * mean_j max(0, H[pi(.|s_j)] - H_target)^2
 Decisions overlap their lookahead windows (L > H); each is scored on its own window.
 
@@ -22,7 +24,7 @@ import torch
 from .beta_policy import BetaPolicy, beta_entropy, beta_icdf, beta_log_prob
 from .features import NUM_FEATURES, RunningMoments, StateFeatures
 from .reward import (SignalSeries, advantages, batch_zscore, check_variant, combine_rewards,
-                     decision_components, reward_horizon)
+                     decision_components, detrend, reward_horizon)
 from .interface import check_kind, window_due
 
 _DTYPE = torch.float64
@@ -33,8 +35,9 @@ class AdaptiveController:
     """Learned exposure schedule; the interface.ExposureSchedule API, like schedules.FixedExposure
     and schedules.RandomExposure.
 
-    reward_variant (full | lp_only | one_step) and reward_gt_norm (batch | running) default to
-    the config fields of those names when present, else "full" and "batch".
+    reward_variant (full | lp_only | one_step), reward_gt_norm (batch | running) and
+    advantage_baseline (batch | detrended) default to the config fields of those names when
+    present, else "full", "batch" and "batch".
 
     Trainer protocol (rank 0): optionally observe(-1, probe_nll=...) before training (gives
     the first decision its baseline l_0; without it that decision's first term is skipped);
@@ -50,7 +53,8 @@ class AdaptiveController:
         self.cfg, self.alpha_min, self.alpha_max = cfg, exposure.alpha_min, exposure.alpha_max
         self.variant = reward_variant or getattr(cfg, "reward_variant", "full")
         self.gt_norm = reward_gt_norm or getattr(cfg, "reward_gt_norm", "batch")
-        check_variant(self.variant, self.gt_norm)
+        self.baseline = getattr(cfg, "advantage_baseline", "batch")
+        check_variant(self.variant, self.gt_norm, self.baseline)
         self.horizon = reward_horizon(self.variant, cfg.lookahead_steps)
         self.generator = torch.Generator("cpu").manual_seed(int(seed))
         self.policy = BetaPolicy(NUM_FEATURES, cfg.controller_hidden, cfg.controller_layers,
@@ -68,6 +72,8 @@ class AdaptiveController:
         self.last_step: int | None = None
         self.open: list[dict] = []      # decided, lookahead not complete
         self.pending: list[dict] = []   # scored, waiting for a full batch of B
+        # (t0, R) of every decision that entered a REINFORCE update: the detrended baseline's fit
+        self.history: dict[str, list] = {"t0": [], "reward": []}
         self.counters = {"decisions": 0, "updates": 0, "skipped_updates": 0, "dropped": 0}
 
     # ---------------------------------------------------------------- decisions
@@ -100,7 +106,9 @@ class AdaptiveController:
 
         Non-finite values are skipped (features keep their EMA; the signal is marked missing).
         Returns a logging dict: alpha, completed decisions, dropped count, whether a REINFORCE
-        update ran (and its loss, rewards, advantages), beta_a/beta_b/policy_mean now.
+        update ran (and its loss, rewards, advantages, decision_steps), beta_a/beta_b/policy_mean
+        now. Should several updates run in one call, their per-decision lists are concatenated
+        (the scalars are the last update's), so no decision goes unlogged.
         """
         if step < -1 or (self.last_step is not None and step <= self.last_step):
             raise ValueError(f"observe(step={step}) after step {self.last_step}: "
@@ -116,7 +124,10 @@ class AdaptiveController:
         B = self.cfg.decisions_per_update
         while len(self.pending) >= B:
             batch, self.pending = self.pending[:B], self.pending[B:]
-            info.update(self._reinforce(batch))
+            rec = self._reinforce(batch)
+            for k in ("rewards", "advantages", "decision_steps"):
+                rec[k] = info.get(k, []) + rec[k]
+            info.update(rec)
         a, b, mean, _, _ = self.policy_summary(quantiles=False)
         info.update(beta_a=a, beta_b=b, policy_mean=mean)
         return info
@@ -161,7 +172,8 @@ class AdaptiveController:
     def _reinforce(self, batch: list[dict]) -> dict:
         """One policy-gradient step on B scored decisions."""
         rewards = self._rewards(batch)
-        adv = advantages(rewards)
+        steps = [d["t0"] for d in batch]
+        adv = self._advantages(steps, rewards)
         states = torch.tensor([d["state"] for d in batch], dtype=_DTYPE, device="cpu")
         alpha_raw = torch.tensor([d["alpha_raw"] for d in batch], dtype=_DTYPE, device="cpu")
         a, b = self.policy(states)
@@ -175,8 +187,18 @@ class AdaptiveController:
         scalar = lambda t: t.detach().item()  # noqa: E731
         return {"updated": applied, "policy_loss": scalar(loss), "pg_loss": scalar(pg_loss),
                 "entropy_penalty": scalar(penalty), "entropy": scalar(entropy.mean()),
-                "rewards": rewards, "advantages": adv,
+                "rewards": rewards, "advantages": adv, "decision_steps": steps,
                 "reward_mean": sum(rewards) / len(rewards)}
+
+    def _advantages(self, steps: list[int], rewards: list[float]) -> list[float]:
+        """Records the batch in the history, then z-scores its rewards (batch) or their
+        residuals around the history's linear trend over time (detrended; with fewer than 3
+        decisions a line is not yet a trend worth removing, so plain batch z-scores)."""
+        self.history["t0"] += steps
+        self.history["reward"] += rewards
+        if self.baseline == "detrended" and len(self.history["t0"]) >= 3:
+            return advantages(detrend(steps, rewards, self.history["t0"], self.history["reward"]))
+        return advantages(rewards)
 
     def _apply(self, loss: torch.Tensor) -> bool:
         """Backward + Adam step; refuses (returns False) anything that would put a non-finite
@@ -232,6 +254,7 @@ class AdaptiveController:
             "features": self.features.state_dict(), "signals": self.signals.state_dict(),
             "gt_moments": self.gt_moments.state_dict(),
             "open": copy.deepcopy(self.open), "pending": copy.deepcopy(self.pending),
+            "history": copy.deepcopy(self.history),
             "alpha": self.alpha, "decided_step": self.decided_step, "last_step": self.last_step,
             "counters": dict(self.counters),
         }
@@ -248,6 +271,10 @@ class AdaptiveController:
         self.signals.load_state_dict(sd["signals"])
         self.gt_moments.load_state_dict(sd["gt_moments"])
         self.open, self.pending = copy.deepcopy(sd["open"]), copy.deepcopy(sd["pending"])
+        # absent in states saved before the detrended baseline existed: start an empty history
+        hist = sd.get("history") or {"t0": [], "reward": []}
+        self.history = {"t0": [int(t) for t in hist["t0"]],
+                        "reward": [float(r) for r in hist["reward"]]}
         self.alpha, self.decided_step = sd["alpha"], sd["decided_step"]
         self.last_step = sd["last_step"]
         self.counters = {k: int(v) for k, v in sd["counters"].items()}

@@ -21,6 +21,10 @@ Missing values: a G_lp term whose two endpoints are not both finite is skipped; 
 the finite g only (renormalising the weights); a decision whose progress part has no valid
 term is dropped (a 0 reward would be a fake observation that biases the advantages); a missing
 G_gt alone gives z = 0.
+
+Advantage baseline ("advantage_baseline"): "batch" (the paper) z-scores R over the decisions of
+one update; "detrended" first subtracts a least-squares line R ~ a + b t fitted to every decision
+scored so far (t = its first step), then z-scores the residuals over the update (detrend).
 """
 from __future__ import annotations
 
@@ -31,13 +35,17 @@ from .features import is_finite
 
 REWARD_VARIANTS = ("full", "lp_only", "one_step")
 GT_NORMS = ("batch", "running")
+ADVANTAGE_BASELINES = ("batch", "detrended")
 
 
-def check_variant(variant: str, gt_norm: str = "batch") -> None:
+def check_variant(variant: str, gt_norm: str = "batch", baseline: str = "batch") -> None:
     if variant not in REWARD_VARIANTS:
         raise ValueError(f"reward_variant must be one of {REWARD_VARIANTS}, got {variant!r}")
     if gt_norm not in GT_NORMS:
         raise ValueError(f"reward_gt_norm must be one of {GT_NORMS}, got {gt_norm!r}")
+    if baseline not in ADVANTAGE_BASELINES:
+        raise ValueError(f"advantage_baseline must be one of {ADVANTAGE_BASELINES}, "
+                         f"got {baseline!r}")
 
 
 def reward_horizon(variant: str, lookahead: int) -> int:
@@ -106,6 +114,29 @@ def advantages(rewards: Sequence[float], eps: float = 1e-8) -> list[float]:
     """A_j = (R_j - mean R) / (std R + eps), population std; all 0 when the std is ~0 (equal
     rewards carry no preference, and this avoids amplifying rounding noise)."""
     return batch_zscore(rewards, eps)
+
+
+def fit_trend(ts: Sequence[float], rs: Sequence[float]) -> tuple[float, float]:
+    """Least-squares line R ~ a + b t over the finite pairs; b = 0 when t has no spread (the
+    line is then the mean), and (0, 0) when no pair is finite."""
+    pairs = [(float(t), float(r)) for t, r in zip(ts, rs, strict=True) if is_finite(r)]
+    if not pairs:
+        return 0.0, 0.0
+    n = len(pairs)
+    t_mean = sum(t for t, _ in pairs) / n
+    r_mean = sum(r for _, r in pairs) / n
+    stt = sum((t - t_mean) ** 2 for t, _ in pairs)
+    b = sum((t - t_mean) * (r - r_mean) for t, r in pairs) / stt if stt > 0 else 0.0
+    return r_mean - b * t_mean, b
+
+
+def detrend(ts: Sequence[float], rs: Sequence[float], history_ts: Sequence[float],
+            history_rs: Sequence[float]) -> list[float]:
+    """Residuals R - (a + b t) of (ts, rs) around the line fitted to the history: removes the
+    part of a reward that only says *when* a decision was made (progress falls as training
+    goes on), so the advantage compares decisions at equal training time."""
+    a, b = fit_trend(history_ts, history_rs)
+    return [float(r) - (a + b * float(t)) for t, r in zip(ts, rs, strict=True)]
 
 
 class SignalSeries:
