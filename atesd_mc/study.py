@@ -84,6 +84,20 @@ def beta_std(a: float, b: float) -> float:
     return math.sqrt(a * b / ((a + b) ** 2 * (a + b + 1)))
 
 
+def alpha_reward_corr(steps: list, rewards: list, alpha_at: dict) -> float:
+    """corr(alpha of a decision, its reward minus the run's linear trend in time): does the reward
+    say anything about the alpha that was chosen, once *when* is taken out? Near 0: the controller
+    has nothing to learn from (its signal is noise at this scale)."""
+    from atesd_mc.exposure.reward import fit_trend
+
+    pairs = [(t, r, alpha_at.get(int(t))) for t, r in zip(steps, rewards)
+             if isinstance(t, (int, float)) and math.isfinite(t) and isinstance(alpha_at.get(int(t)), (int, float))]
+    if len(pairs) < 3:
+        return math.nan
+    a, b = fit_trend([p[0] for p in pairs], [p[1] for p in pairs])
+    return pearson([p[2] for p in pairs], [p[1] - (a + b * p[0]) for p in pairs])
+
+
 def _controller_summary(recs: list[dict]) -> dict:
     """Decisions, updates, how much the advantage says *when* a decision was made, and the policy's
     mean and spread at start and end. corr(advantage, t) is taken inside each update and averaged
@@ -98,7 +112,10 @@ def _controller_summary(recs: list[dict]) -> dict:
             rewards += r.get("rewards") or [math.nan] * len(r["advantages"])
             within.append(pearson(t, r["advantages"]))
     pol = [r for r in recs if isinstance(r.get("beta_a"), (int, float))]
+    # a record's "step" counts from 1; a decision's t0 is the 0-based step its alpha was chosen for
+    alpha_at = {r["step"] - 1: r.get("alpha") for r in recs if isinstance(r.get("step"), int)}
     out = {"updates": updates, "scored_decisions": len(steps), "adv_time_corr": _mean(within),
+           "alpha_reward_corr": alpha_reward_corr(steps, rewards, alpha_at),
            "reward_time_corr": pearson(steps, rewards), "reward_mean": _mean(rewards),
            "reward_std": statistics.pstdev(_finite(rewards)) if len(_finite(rewards)) > 1 else math.nan}
     for when, r in (("start", pol[0] if pol else None), ("end", pol[-1] if pol else None)):
@@ -168,9 +185,37 @@ def paired(rows: list[dict], a: str, b: str, key: str = "after") -> dict:
     return {"a": a, "b": b, "key": key, "seeds": seeds, "diffs": diffs, "mean": _mean(diffs), "lo": lo, "hi": hi}
 
 
+def comparisons(rows: list[dict], chosen: dict[str, str]) -> list[dict]:
+    """The study's paired differences on the test split: the chosen ATESD variant against the chosen
+    fixed alpha, OPSD, the ramp schedule, random alpha, the chosen GRPO and SFT (accuracy and
+    retention), and random against the chosen fixed alpha."""
+    best_atesd, best_fixed = chosen.get("ATESD"), chosen.get("fixed alpha")
+    if not best_atesd:
+        return []
+    diffs = [paired(rows, best_atesd, b) for b in (best_fixed, "opsd", "ramp", "random") if b]
+    if best_fixed:
+        diffs.append(paired(rows, "random", best_fixed))
+    if chosen.get("GRPO"):
+        diffs.append(paired(rows, best_atesd, chosen["GRPO"]))
+    return diffs + [paired(rows, best_atesd, "sft"), paired(rows, best_atesd, "sft", key="retention")]
+
+
+def write_differences(diffs: list[dict], path: str) -> None:
+    """One row per comparison and seed, then its mean and CI (seed "mean"), as fractions of accuracy (0.01 = 1 point)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["comparison", "metric", "seed", "difference", "ci_low", "ci_high"])
+        for d in diffs:
+            name = f"{d['a']} - {d['b']}"
+            w.writerows([name, d["key"], s, x, "", ""] for s, x in zip(d["seeds"], d["diffs"]))
+            w.writerow([name, d["key"], "mean", d["mean"], d["lo"], d["hi"]])
+    os.replace(tmp, path)
+
+
 CSV_KEYS = ("method", "seed", "before", "after", "retention", "prior_before", "val_before", "val_after",
             "n_test", "steps", "mismatch", "top1", "alpha_first", "alpha_last", "updates", "scored_decisions",
-            "adv_time_corr", "reward_time_corr", "reward_mean", "reward_std", "policy_mean_start",
+            "adv_time_corr", "reward_time_corr", "alpha_reward_corr", "reward_mean", "reward_std", "policy_mean_start",
             "policy_std_start", "policy_mean_end", "policy_std_end", "seconds")
 
 

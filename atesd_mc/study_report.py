@@ -6,7 +6,7 @@ import math
 import os
 import statistics
 
-from atesd_mc.study import FAMILIES, FIXED_ALPHA, METHODS, _mean, bootstrap_ci, paired, select
+from atesd_mc.study import FAMILIES, FIXED_ALPHA, METHODS, _mean, bootstrap_ci, comparisons, paired, select
 
 
 def _pct(v: float) -> str:
@@ -94,23 +94,27 @@ def controller_section(rows: list[dict]) -> list[str]:
            "the advantage with the decision's step inside each update, averaged over updates (near -1: the "
            "advantage mostly says *when* a decision was made; near 0: it does not); corr(reward, t): the raw "
            "reward against the decision's step over the whole run (the trend); the Beta policy's mean and standard deviation at the first and the last "
-           "step; alpha over the first and the last 20% of steps.", "",
-           "| run | updates | scored decisions | corr(adv, t) | corr(reward, t) | policy mean start -> end | "
-           "policy std start -> end | alpha first 20% -> last 20% |", "|---|---|---|---|---|---|---|---|"]
+           "step; alpha over the first and the last 20% of steps; corr(alpha, detrended reward): the chosen alpha "
+           "against its reward minus the run's linear trend (near 0: the reward holds no information about alpha "
+           "for the policy to learn from).", "",
+           "| run | updates | scored decisions | corr(adv, t) | corr(reward, t) | corr(alpha, detrended reward) | "
+           "policy mean start -> end | policy std start -> end | alpha first 20% -> last 20% |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["method"].startswith("atesd"):
             out.append(f"| {r['method']} s{r['seed']} | {r['updates']} | {r['scored_decisions']} | "
                        f"{_f(r['adv_time_corr'], 2)} | {_f(r['reward_time_corr'], 2)} | "
-                       f"{_f(r['policy_mean_start'])} -> {_f(r['policy_mean_end'])} | "
+                       f"{_f(r['alpha_reward_corr'], 2)} | {_f(r['policy_mean_start'])} -> {_f(r['policy_mean_end'])} | "
                        f"{_f(r['policy_std_start'])} -> {_f(r['policy_std_end'])} | "
                        f"{_f(r['alpha_first'])} -> {_f(r['alpha_last'])} |")
-    out += ["", "| variant | mean corr(adv, t) | mean corr(reward, t) | policy mean end (mean over seeds) | "
-            "policy std end |", "|---|---|---|---|---|"]
+    out += ["", "| variant | mean corr(adv, t) | mean corr(reward, t) | mean corr(alpha, detrended reward) | "
+            "policy mean end (mean over seeds) | policy std end |", "|---|---|---|---|---|---|"]
     for m in FAMILIES["ATESD"]:
         rs = [r for r in rows if r["method"] == m]
         if rs:
             out.append(f"| {m} | {_f(_mean(r['adv_time_corr'] for r in rs), 2)} | "
                        f"{_f(_mean(r['reward_time_corr'] for r in rs), 2)} | "
+                       f"{_f(_mean(r['alpha_reward_corr'] for r in rs), 2)} | "
                        f"{_f(_mean(r['policy_mean_end'] for r in rs))} | {_f(_mean(r['policy_std_end'] for r in rs))} |")
     return out
 
@@ -123,22 +127,13 @@ def _diff_line(d: dict) -> str:
 
 
 def findings(rows: list[dict], chosen: dict[str, str]) -> tuple[list[str], list[dict]]:
-    """The selection, the paired differences and each finding of the paper, marked."""
-    best_fixed, best_atesd = chosen.get("fixed alpha"), chosen.get("ATESD")
+    """The choices made on validation and the paired differences on test."""
     out = ["## Choices made on the validation split", ""]
     for family, members in FAMILIES.items():
         vals = ", ".join(f"{m} {_pct(_mean(r['val_after'] for r in rows if r['method'] == m))}" for m in members
                          if any(r["method"] == m for r in rows))
         out.append(f"- {family}: **{chosen.get(family, 'n/a')}** (mean validation accuracy: {vals})")
-    diffs = []
-    if best_atesd:
-        diffs = [paired(rows, best_atesd, b) for b in (best_fixed, "opsd", "ramp", "random") if b]
-        if best_fixed:
-            diffs.append(paired(rows, "random", best_fixed))
-        if chosen.get("GRPO"):
-            diffs.append(paired(rows, best_atesd, chosen["GRPO"]))
-        diffs.append(paired(rows, best_atesd, "sft"))
-        diffs.append(paired(rows, best_atesd, "sft", key="retention"))
+    diffs = comparisons(rows, chosen)
     out += ["", "## Paired differences on the test split (percentage points)", "",
             "Per seed (same warm start, data and budget), mean, and bootstrap 95% CI over seeds (10,000 resamples; "
             "with 5 seeds the percentile interval is narrow-biased, so read it with the per-seed values).", "",
@@ -200,7 +195,8 @@ def results_markdown(rows: list[dict], checks: dict[int, dict], meta: dict, pilo
     seeds = sorted({r["seed"] for r in rows})
     chosen = select(rows)
     head = ["# Study results", "", f"Command: `{meta['command']}`", "",
-            f"Code: commit {meta['commit']}. Seeds: {seeds}. {len(rows)} runs; wall time of the runs "
+            f"Runs made by commit {meta['commit']}; this report by commit {meta.get('report_commit', meta['commit'])}. "
+            f"Seeds: {seeds}. {len(rows)} runs; wall time of the runs "
             f"(sum over this study's invocations): {meta['elapsed_s'] / 60:.1f} min on {meta['machine']}. "
             "Plots: accuracy.png, mismatch_vs_alpha.png, alpha_trajectories.png. Per-run numbers: results.csv.", ""]
     if meta.get("notes"):

@@ -117,3 +117,32 @@ def test_bad_seeds_and_methods_are_refused_in_one_line(tmp_path):
                                str(tmp_path / "s")], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and flag in proc.stderr, proc.stderr
         assert not (tmp_path / "s").exists()
+
+
+def test_alpha_reward_corr_removes_the_time_trend():
+    from atesd_mc.study import alpha_reward_corr
+
+    rng = random.Random(3)
+    steps = list(range(100))
+    alphas = {t: rng.random() for t in steps}
+    # a strong trend in time plus a small alpha effect: pooled, time dominates; detrended, alpha shows
+    rewards = [1.0 - 0.01 * t + 0.05 * alphas[t] for t in steps]
+    assert abs(pearson([alphas[t] for t in steps], rewards)) < 0.5
+    assert alpha_reward_corr(steps, rewards, alphas) > 0.999
+    noise = [1.0 - 0.01 * t + 0.05 * rng.random() for t in steps]
+    assert abs(alpha_reward_corr(steps, noise, alphas)) < 0.3
+    assert math.isnan(alpha_reward_corr([1, 2], [0.1, 0.2], alphas))
+
+
+def test_differences_csv(tmp_path):
+    from atesd_mc.study import comparisons, write_differences
+
+    rows = [dict(_row(m, s, 0.5, 0.1 * s + (0.05 if m == "atesd" else 0)), retention=0.9)
+            for m in ("atesd", "fixed_0.5", "opsd", "ramp", "random", "sft") for s in range(3)]
+    diffs = comparisons(rows, select(rows))
+    assert [(d["a"], d["b"], d["key"]) for d in diffs][:2] == [("atesd", "fixed_0.5", "after"), ("atesd", "opsd", "after")]
+    write_differences(diffs, str(tmp_path / "d.csv"))
+    out = list(csv.DictReader(open(tmp_path / "d.csv")))
+    first = [r for r in out if r["comparison"] == "atesd - fixed_0.5"]
+    assert [r["seed"] for r in first] == ["0", "1", "2", "mean"]
+    assert all(math.isclose(float(r["difference"]), 0.05) for r in first)

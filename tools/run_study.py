@@ -103,7 +103,7 @@ def run_jobs(args, jobs: list[tuple], ready, start: float) -> list[str]:
 
 
 def main(argv=None) -> int:
-    from atesd_mc.study import read_run, write_csv
+    from atesd_mc.study import comparisons, read_run, select, write_csv, write_differences
     from atesd_mc.study_report import plots, results_markdown
 
     args = parse(argv)
@@ -138,6 +138,7 @@ def main(argv=None) -> int:
     meta = {"command": " ".join(["python tools/run_study.py --config", args.config, "--seeds", seeds, "--out", args.out]
                                 + (["--methods", args.methods] if args.methods else []) + (["--", *args.extra] if args.extra else [])),
             "commit": ", ".join(dict.fromkeys(c["commit"] for c in calls if c["jobs"])) or commit(),
+            "report_commit": commit(),
             "elapsed_s": sum(c["seconds"] for c in calls if c["jobs"]),
             "machine": f"{os.cpu_count()} CPU cores ({platform.machine()}), {args.jobs} processes at a time"}
     pilots = {d: r for d in sorted(os.listdir(os.path.join(args.out, "runs"))) if d.startswith("pilot-")
@@ -147,12 +148,13 @@ def main(argv=None) -> int:
         with open(notes) as f:
             meta["notes"] = f.read().strip()
     write_csv(rows, os.path.join(args.out, "results.csv"))
+    write_differences(comparisons(rows, select(rows)), os.path.join(args.out, "differences.csv"))
     with open(os.path.join(args.out, "RESULTS.md.tmp"), "w") as f:
         f.write(results_markdown(rows, checks, meta, pilots))
     os.replace(os.path.join(args.out, "RESULTS.md.tmp"), os.path.join(args.out, "RESULTS.md"))
     for p in plots(rows, args.out):
         print(f"wrote {p}")
-    print(f"wrote {args.out}/results.csv and {args.out}/RESULTS.md ({len(rows)} runs, {len(failed)} failed)")
+    print(f"wrote {args.out}/results.csv, differences.csv and RESULTS.md ({len(rows)} runs, {len(failed)} failed)")
     return 1 if failed else 0
 
 
