@@ -2,8 +2,9 @@
 
 Methods (docs/METHOD.md, Baselines): fixed alpha in {0, .25, .5, .75, 1 (= OPSD)}, uniform-random
 alpha, a fixed linear ramp 0.5 -> 0.8 (the schedule the learned policy is said to drift along),
-learned alpha (ATESD) with the paper's advantage and with a detrended one, SFT on the references and
-GRPO at three learning rates. Each (method, seed) is one run directory with metrics.jsonl and
+learned alpha (ATESD): the paper's reward (full), its G_lp-only and one-step ablations, each with the
+paper's batch advantage, and the full and G_lp-only rewards with a detrended advantage; SFT on the
+references and GRPO at three learning rates. Each (method, seed) is one run directory with metrics.jsonl and
 eval.json. Choices (the best fixed alpha, GRPO's learning rate, the ATESD variant) are made on the
 validation split only (`select`); the test split gives the reported numbers (atesd_mc.study_report)."""
 from __future__ import annotations
@@ -27,18 +28,20 @@ METHODS: dict[str, list[str]] = {
               "--advantage-baseline", "batch"],
     "atesd_detrended": ["--atesd-algorithm", "atesd", "--atesd-exposure", "adaptive", "--reward-variant", "full",
                         "--advantage-baseline", "detrended"],
-    "atesd_lp_only": ["--atesd-algorithm", "atesd", "--atesd-exposure", "adaptive", "--reward-variant", "lp_only"],
-    "atesd_one_step": ["--atesd-algorithm", "atesd", "--atesd-exposure", "adaptive", "--reward-variant", "one_step"],
+    "atesd_lp_only": ["--atesd-algorithm", "atesd", "--atesd-exposure", "adaptive", "--reward-variant", "lp_only",
+                      "--advantage-baseline", "batch"],
+    "atesd_lp_only_detrended": ["--atesd-algorithm", "atesd", "--atesd-exposure", "adaptive", "--reward-variant",
+                                "lp_only", "--advantage-baseline", "detrended"],
+    "atesd_one_step": ["--atesd-algorithm", "atesd", "--atesd-exposure", "adaptive", "--reward-variant", "one_step",
+                       "--advantage-baseline", "batch"],
     "sft": ["--atesd-algorithm", "sft"],
     **{f"grpo_lr{lr}": ["--atesd-algorithm", "grpo", "--rollouts-per-prompt", "4", "--lr", lr, "--min-lr", lr]
        for lr in GRPO_LRS},
 }
-ABLATIONS = ("atesd_lp_only", "atesd_one_step")
-"""The paper's reward ablations: available with --methods, not part of the default study."""
-DEFAULT_METHODS = [m for m in METHODS if m not in ABLATIONS]
+DEFAULT_METHODS = list(METHODS)
 FIXED_ALPHA = {**{f"fixed_{a:g}": a for a in FIXED}, "opsd": 1.0}
 FAMILIES = {"fixed alpha": list(FIXED_ALPHA), "GRPO": [f"grpo_lr{lr}" for lr in GRPO_LRS],
-            "ATESD": ["atesd", "atesd_detrended"]}
+            "ATESD": ["atesd", "atesd_detrended", "atesd_lp_only", "atesd_lp_only_detrended", "atesd_one_step"]}
 """Each family is represented by its member with the best mean validation accuracy (`select`)."""
 
 

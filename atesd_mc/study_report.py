@@ -239,8 +239,9 @@ def plots(rows: list[dict], out_dir: str) -> list[str]:
     fig.tight_layout()
     paths.append(os.path.join(out_dir, "mismatch_vs_alpha.png"))
     fig.savefig(paths[-1], dpi=100)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for ax, m in zip(axes, FAMILIES["ATESD"]):
+    variants = [m for m in FAMILIES["ATESD"] if any(r["method"] == m for r in rows)] or ["atesd"]
+    fig, axes = plt.subplots(1, len(variants), figsize=(4.5 * len(variants), 4), sharey=True, squeeze=False)
+    for ax, m in zip(axes[0], variants):
         for r in rows:
             if r["method"] == m:
                 ax.plot(range(1, len(r["alphas"]) + 1), r["alphas"], lw=0.8, label=f"seed {r['seed']}")

@@ -30,8 +30,7 @@ def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
     p.add_argument("--seeds", default="0-4", help="a list and/or ranges: 0-4, 11,12, 0-2,7 (default 0-4)")
-    p.add_argument("--methods", default="", help=f"comma-separated subset of: {', '.join(METHODS)} "
-                   f"(default: all but the reward ablations {', '.join(m for m in METHODS if m not in DEFAULT_METHODS)})")
+    p.add_argument("--methods", default="", help=f"comma-separated subset of: {', '.join(METHODS)} (default: all)")
     p.add_argument("--out", default="study", help="output directory (runs/, cache/, logs/, teacher/, the report)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes at a time")
     p.add_argument("--teacher-n", type=int, default=200, help="validation problems for each seed's teacher check")
