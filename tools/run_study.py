@@ -106,6 +106,7 @@ def main(argv=None) -> int:
     from atesd_mc.study_report import plots, results_markdown
 
     args = parse(argv)
+    code = commit()  # the code this invocation runs with (HEAD may move while it runs)
     for sub in ("logs", "teacher", "runs"):
         os.makedirs(os.path.join(args.out, sub), exist_ok=True)
     start = time.time()
@@ -123,8 +124,9 @@ def main(argv=None) -> int:
     failed = run_jobs(args, jobs, ready, start) if jobs else []
     elapsed = time.time() - start
     with open(os.path.join(args.out, "invocations.jsonl"), "a") as f:
-        f.write(json.dumps({"commit": commit(), "argv": sys.argv[1:], "jobs": len(jobs), "failed": failed,
-                            "seconds": elapsed, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}) + "\n")
+        f.write(json.dumps({"commit": code, "argv": sys.argv[1:], "jobs": len(jobs), "failed": failed,
+                            "seconds": elapsed,
+                            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start)), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}) + "\n")
     rows = [{"method": m, "seed": s, **r} for s in args.seed_list for m in args.method_list
             if (r := read_run(os.path.join(args.out, "runs", f"{m}-s{s}"))) is not None]
     if not rows:
