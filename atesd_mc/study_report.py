@@ -187,6 +187,17 @@ def paper_findings(rows, checks, chosen, diffs) -> list[str]:
         out.append(f"5. The policy drifts toward 0.7-0.8 without collapsing: **{'reproduced' if drift and std_end > 0.05 else 'not reproduced'}**:"
                    f" policy mean {_f(start)} -> {_f(mean_end)} (mean over seeds), Beta std at the end {_f(std_end)}"
                    f" (collapse would be std -> 0).")
+    variants = [m for m in FAMILIES["ATESD"] if any(r["method"] == m for r in rows)]
+    if variants:
+        def avg(m, key):
+            return _f(_mean(r[key] for r in rows if r["method"] == m), 2)
+        out += ["", "What the controllers had to learn from (mean over seeds; the controller table below has each run): "
+                "corr(alpha, reward minus its linear trend in time) per variant: "
+                + ", ".join(f"{m} {avg(m, 'alpha_reward_corr')}" for m in variants)
+                + "; Beta std of the policy at the end: " + ", ".join(f"{m} {avg(m, 'policy_std_end')}" for m in variants)
+                + " (0.219 at the start). A reward that carries information about alpha has a correlation away from 0; "
+                "the full reward's includes the teacher-grounded term G_gt, the exposed teacher's log-probability of "
+                "the reference, which rises with alpha whether or not the student learns more."]
     return out
 
 

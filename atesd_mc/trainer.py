@@ -192,10 +192,11 @@ class Trainer:
             self.logger.print(f"held-out accuracy before: reusing {path}")
             return cached
         results = self.evaluate_all("before")
-        if self.rank0 and path:
-            with open(path + ".tmp", "w") as f:
+        if self.rank0 and path:  # runs of one warm start may start together: a temp file of its own each
+            tmp = f"{path}.tmp{os.getpid()}"
+            with open(tmp, "w") as f:
                 json.dump(results, f, indent=2)
-            os.replace(path + ".tmp", path)
+            os.replace(tmp, path)
         return results
 
     def save_checkpoint(self, extra_state: dict | None = None) -> str:

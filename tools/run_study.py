@@ -66,11 +66,14 @@ def run_command(args, method: str, seed: int) -> list[str]:
             *METHODS[method], *args.extra]
 
 
-def commit() -> str:
+def commit(out: str) -> str:
+    """HEAD, marked +uncommitted when tracked files outside the study's own output differ from it."""
     def git(*a):
         return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     head = git("rev-parse", "--short", "HEAD") or "unknown"
-    return head + ("+uncommitted" if git("status", "--porcelain", "--untracked-files=no") else "")
+    rel = os.path.relpath(os.path.abspath(out), ROOT)
+    outside = ["."] + ([f":(exclude){rel}"] if not rel.startswith("..") else [])
+    return head + ("+uncommitted" if git("status", "--porcelain", "--untracked-files=no", "--", *outside) else "")
 
 
 def run_jobs(args, jobs: list[tuple], ready, start: float) -> list[str]:
@@ -106,7 +109,7 @@ def main(argv=None) -> int:
     from atesd_mc.study_report import plots, results_markdown
 
     args = parse(argv)
-    code = commit()  # the code this invocation runs with (HEAD may move while it runs)
+    code = commit(args.out)  # the code this invocation runs with (HEAD may move while it runs)
     for sub in ("logs", "teacher", "runs"):
         os.makedirs(os.path.join(args.out, sub), exist_ok=True)
     start = time.time()
@@ -138,8 +141,8 @@ def main(argv=None) -> int:
     seeds = ",".join(map(str, args.seed_list))
     meta = {"command": " ".join(["python tools/run_study.py --config", args.config, "--seeds", seeds, "--out", args.out]
                                 + (["--methods", args.methods] if args.methods else []) + (["--", *args.extra] if args.extra else [])),
-            "commit": ", ".join(dict.fromkeys(c["commit"] for c in calls if c["jobs"])) or commit(),
-            "report_commit": commit(),
+            "commit": ", ".join(dict.fromkeys(c["commit"] for c in calls if c["jobs"])) or code,
+            "report_commit": code,
             "elapsed_s": sum(c["seconds"] for c in calls if c["jobs"]),
             "machine": f"{os.cpu_count()} CPU cores ({platform.machine()}), {args.jobs} processes at a time"}
     pilots = {d: r for d in sorted(os.listdir(os.path.join(args.out, "runs"))) if d.startswith("pilot-")
