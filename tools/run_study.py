@@ -5,7 +5,8 @@ from that warm start; then results.csv, RESULTS.md and plots. Resumable.
     python tools/run_study.py --config examples/study_arith.yaml --seeds 11,12 --methods fixed_0.5,atesd --out /tmp/s
 
 A finished run (eval.json) or teacher check (OUT/teacher/seedS.json) is not redone; an interrupted
-run resumes from its checkpoint. Rerunning with nothing left to do only rewrites the report, so
+run resumes from its last checkpoint (Ctrl-C reaches every run of the process group and each saves one;
+a killed run starts over). Rerunning with nothing left to do only rewrites the report, so
 the study can be run in chunks (--seeds 0-1, then 2-4): the report covers every finished run in
 OUT for the seeds and methods asked, and names the commit(s) that ran them (OUT/invocations.jsonl).
 OUT/NOTES.md, if present, is quoted under the header; runs named OUT/runs/pilot-* (settings chosen
