@@ -72,14 +72,14 @@ def _mean(vals) -> float:
 
 
 def pearson(xs, ys) -> float:
-    """Pearson correlation; nan with fewer than 3 pairs or a constant side."""
+    """Pearson correlation over the finite pairs; nan with fewer than 3 of them or a constant side."""
     pairs = [(float(x), float(y)) for x, y in zip(xs, ys) if math.isfinite(x) and math.isfinite(y)]
     if len(pairs) < 3:
         return math.nan
-    mx, my = statistics.fmean(p[0] for p in pairs), statistics.fmean(p[1] for p in pairs)
-    sxy = sum((x - mx) * (y - my) for x, y in pairs)
-    sxx, syy = sum((x - mx) ** 2 for x, _ in pairs), sum((y - my) ** 2 for _, y in pairs)
-    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else math.nan
+    try:
+        return statistics.correlation([p[0] for p in pairs], [p[1] for p in pairs])
+    except statistics.StatisticsError:  # a constant side
+        return math.nan
 
 
 def beta_std(a: float, b: float) -> float:
@@ -91,14 +91,14 @@ def alpha_reward_corr(steps: list, rewards: list, alpha_at: dict) -> float:
     """corr(alpha of a decision, its reward minus the run's linear trend in time): does the reward
     say anything about the alpha that was chosen, once *when* is taken out? Near 0: the controller
     has nothing to learn from (its signal is noise at this scale)."""
-    from atesd_mc.exposure.reward import fit_trend
+    from atesd_mc.exposure.reward import detrend
 
     pairs = [(t, r, alpha_at.get(int(t))) for t, r in zip(steps, rewards)
              if isinstance(t, (int, float)) and math.isfinite(t) and isinstance(alpha_at.get(int(t)), (int, float))]
     if len(pairs) < 3:
         return math.nan
-    a, b = fit_trend([p[0] for p in pairs], [p[1] for p in pairs])
-    return pearson([p[2] for p in pairs], [p[1] - (a + b * p[0]) for p in pairs])
+    ts, rs, alphas = zip(*pairs)
+    return pearson(alphas, detrend(ts, rs, ts, rs))
 
 
 def _controller_summary(recs: list[dict]) -> dict:

@@ -6,7 +6,7 @@ import math
 import os
 import statistics
 
-from atesd_mc.study import FAMILIES, FIXED_ALPHA, METHODS, _mean, bootstrap_ci, comparisons, paired, select
+from atesd_mc.study import FAMILIES, FIXED_ALPHA, METHODS, _mean, bootstrap_ci, paired
 
 
 def _pct(v: float) -> str:
@@ -126,20 +126,18 @@ def _diff_line(d: dict) -> str:
             if d["diffs"] else f"| {what} | (no common seeds) | | |")
 
 
-def findings(rows: list[dict], chosen: dict[str, str]) -> tuple[list[str], list[dict]]:
+def findings(rows: list[dict], chosen: dict[str, str], diffs: list[dict]) -> list[str]:
     """The choices made on validation and the paired differences on test."""
     out = ["## Choices made on the validation split", ""]
     for family, members in FAMILIES.items():
         vals = ", ".join(f"{m} {_pct(_mean(r['val_after'] for r in rows if r['method'] == m))}" for m in members
                          if any(r["method"] == m for r in rows))
         out.append(f"- {family}: **{chosen.get(family, 'n/a')}** (mean validation accuracy: {vals})")
-    diffs = comparisons(rows, chosen)
     out += ["", "## Paired differences on the test split (percentage points)", "",
             "Per seed (same warm start, data and budget), mean, and bootstrap 95% CI over seeds (10,000 resamples; "
             "with 5 seeds the percentile interval is narrow-biased, so read it with the per-seed values).", "",
             "| difference | per seed | mean | 95% CI |", "|---|---|---|---|"]
-    out += [_diff_line(d) for d in diffs]
-    return out, diffs
+    return out + [_diff_line(d) for d in diffs]
 
 
 def paper_findings(rows, checks, chosen, diffs) -> list[str]:
@@ -201,10 +199,12 @@ def paper_findings(rows, checks, chosen, diffs) -> list[str]:
     return out
 
 
-def results_markdown(rows: list[dict], checks: dict[int, dict], meta: dict, pilots: dict | None = None) -> str:
+def results_markdown(rows: list[dict], checks: dict[int, dict], meta: dict, chosen: dict[str, str],
+                     diffs: list[dict], pilots: dict | None = None) -> str:
+    """The whole report; `chosen` and `diffs` are study.select's and study.comparisons' (the same ones
+    differences.csv is written from)."""
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
     seeds = sorted({r["seed"] for r in rows})
-    chosen = select(rows)
     head = ["# Study results", "", f"Command: `{meta['command']}`", "",
             f"Runs made by commit {meta['commit']}; this report by commit {meta.get('report_commit', meta['commit'])}. "
             f"Seeds: {seeds}. {len(rows)} runs; wall time of the runs "
@@ -212,7 +212,7 @@ def results_markdown(rows: list[dict], checks: dict[int, dict], meta: dict, pilo
             "Plots: accuracy.png, mismatch_vs_alpha.png, alpha_trajectories.png. Per-run numbers: results.csv.", ""]
     if meta.get("notes"):
         head += [meta["notes"], ""]
-    sel, diffs = findings(rows, chosen)
+    sel = findings(rows, chosen, diffs)
     body = (head + paper_findings(rows, checks, chosen, diffs) + [""] + teacher_section(checks) + [""]
             + (pilot_section(pilots) + [""] if pilots else [])
             + main_table(rows, methods) + [""] + sel + [""] + controller_section(rows) + [""]

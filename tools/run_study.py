@@ -77,6 +77,10 @@ def commit(out: str) -> str:
     return head + ("+uncommitted" if git("status", "--porcelain", "--untracked-files=no", "--", *outside) else "")
 
 
+def _utc(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
 def run_jobs(args, jobs: list[tuple], ready, start: float) -> list[str]:
     """jobs: (name, command); ready(name) says whether a job may start. Returns the failed names."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -129,14 +133,17 @@ def main(argv=None) -> int:
     elapsed = time.time() - start
     with open(os.path.join(args.out, "invocations.jsonl"), "a") as f:
         f.write(json.dumps({"commit": code, "argv": sys.argv[1:], "jobs": len(jobs), "failed": failed,
-                            "seconds": elapsed,
-                            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start)), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}) + "\n")
+                            "seconds": elapsed, "started": _utc(start), "finished": _utc(time.time())}) + "\n")
     rows = [{"method": m, "seed": s, **r} for s in args.seed_list for m in args.method_list
             if (r := read_run(os.path.join(args.out, "runs", f"{m}-s{s}"))) is not None]
     if not rows:
         print("error: no finished runs", file=sys.stderr)
         return 1
-    checks = {s: json.load(open(teacher_json(args, s))) for s in args.seed_list if os.path.exists(teacher_json(args, s))}
+    checks = {}
+    for s in args.seed_list:
+        if os.path.exists(teacher_json(args, s)):
+            with open(teacher_json(args, s)) as f:
+                checks[s] = json.load(f)
     with open(os.path.join(args.out, "invocations.jsonl")) as f:
         calls = [json.loads(line) for line in f if line.strip()]
     seeds = ",".join(map(str, args.seed_list))
@@ -153,9 +160,11 @@ def main(argv=None) -> int:
         with open(notes) as f:
             meta["notes"] = f.read().strip()
     write_csv(rows, os.path.join(args.out, "results.csv"))
-    write_differences(comparisons(rows, select(rows)), os.path.join(args.out, "differences.csv"))
+    chosen = select(rows)
+    diffs = comparisons(rows, chosen)
+    write_differences(diffs, os.path.join(args.out, "differences.csv"))
     with open(os.path.join(args.out, "RESULTS.md.tmp"), "w") as f:
-        f.write(results_markdown(rows, checks, meta, pilots))
+        f.write(results_markdown(rows, checks, meta, chosen, diffs, pilots))
     os.replace(os.path.join(args.out, "RESULTS.md.tmp"), os.path.join(args.out, "RESULTS.md"))
     for p in plots(rows, args.out):
         print(f"wrote {p}")
